@@ -1,0 +1,119 @@
+"""Evaluate checkpoints with lm-eval through the same OpenAI endpoint that users get.
+
+`run_eval(model_dir, tasks, out_dir, teacher_dir=None, limit=None)` serves each model in turn
+(serve.app.run_server), runs lm-eval's `local-completions` model against it, and writes eval.json
+and eval.md; with a teacher it evaluates the teacher the same way and adds a retention column
+(student / teacher). A task name with a YAML in serve/tasks/ is read from there (local JSONL data,
+no network); any other name comes from lm-eval's registry, whose dataset must be reachable or cached.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lm_eval
+import yaml
+from lm_eval.tasks import TaskManager
+from ray import serve
+
+from serve.app import model_name_of, run_server
+from serve.engine import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+APP_NAME, ROUTE = "zebra-eval", "/eval"
+
+
+def local_task(name: str) -> dict | None:
+    """The config of serve/tasks/<name>.yaml with its data_files made absolute; None if there is none."""
+    path = TASKS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    config = yaml.safe_load(path.read_text())
+    files = config["dataset_kwargs"]["data_files"]
+    config["dataset_kwargs"]["data_files"] = {split: str(TASKS_DIR / f) for split, f in files.items()}
+    return config
+
+
+def evaluate_endpoint(base_url: str, model_name: str, tokenizer_dir: Path, tasks: list[str], limit: int | None,
+                      max_length: int, batch_size: int = 8) -> dict:
+    """lm-eval `local-completions` against a running endpoint: its results, n-samples and versions."""
+    specs = [local_task(t) or t for t in tasks]
+    manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))  # indexing the registry costs ~15 s
+    model_args = {
+        "base_url": f"{base_url}/v1/completions",
+        "model": model_name,
+        "tokenizer": str(tokenizer_dir),
+        "tokenizer_backend": "huggingface",
+        "tokenized_requests": True,
+        "max_length": max_length,
+        "batch_size": batch_size,
+    }
+    out = lm_eval.simple_evaluate(model="local-completions", model_args=model_args, tasks=specs, limit=limit,
+                                  task_manager=manager, log_samples=False)
+    return {key: out[key] for key in ("results", "n-samples", "versions")}
+
+
+def _serve_and_evaluate(model_dir: str | Path, tasks: list[str], limit: int | None, port: int) -> dict:
+    local = resolve_model_dir(model_dir)
+    max_length = json.loads((local / "config.json").read_text())["max_position_embeddings"]
+    url = run_server(local, port=port, api_key_env=None, app_name=APP_NAME, route_prefix=ROUTE)
+    try:
+        return evaluate_endpoint(url, model_name_of(local), local, tasks, limit, max_length)
+    finally:
+        serve.delete(APP_NAME)
+
+
+def retention_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per task and metric: the student's value (and stderr), the teacher's, student / teacher."""
+    rows = []
+    for task, metrics in results["student"]["results"].items():
+        for key, value in metrics.items():
+            metric, _, filter_ = key.partition(",")
+            if not filter_ or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            row = {"task": task, "metric": metric, "filter": filter_, "student": value,
+                   "student_stderr": metrics.get(f"{metric}_stderr,{filter_}")}
+            if "teacher" in results:
+                teacher = results["teacher"]["results"][task][key]
+                row["teacher"] = teacher
+                row["retention"] = value / teacher if teacher else None
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table; the teacher and retention columns only when a teacher ran."""
+    teacher = any("teacher" in r for r in rows)
+    head = ["task", "metric", "student"] + (["teacher", "retention"] if teacher else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["task"], r["metric"], _with_stderr(r["student"], r["student_stderr"])]
+        if teacher:
+            cells += [f"{r['teacher']:.4f}", "n/a" if r["retention"] is None else f"{r['retention']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _with_stderr(value: float, stderr) -> str:
+    return f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, (int, float)) else f"{value:.4f}"
+
+
+def run_eval(model_dir: str | Path, tasks: list[str], out_dir: str | Path, teacher_dir: str | Path | None = None,
+             limit: int | None = None, port: int = 8000) -> dict:
+    """Serve and evaluate the student (and the teacher), write out_dir/eval.json and eval.md, return
+    the report. Connects to the running Ray cluster or starts a local one; each model is served as
+    the application 'zebra-eval' under /eval on 127.0.0.1:port, one after the other."""
+    models = {"student": model_dir, **({"teacher": teacher_dir} if teacher_dir is not None else {})}
+    results = {role: _serve_and_evaluate(path, tasks, limit, port) for role, path in models.items()}
+    rows = retention_rows(results)
+    report = {"models": {role: str(path) for role, path in models.items()}, "tasks": tasks, "limit": limit,
+              "rows": rows, **results}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "eval.md").write_text(markdown_table(rows))
+    log.info("wrote %s and %s", out / "eval.json", out / "eval.md")
+    return report

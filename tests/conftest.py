@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random Llama teachers (seconds), and the real SmolLM2 teacher (slow, cached)."""
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    fields = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def tiny_llama(dtype=torch.float64, seed=None, **overrides) -> LlamaForCausalLM:
+    """A random tiny Llama; weights scaled up so attention is far from uniform (a harder test)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                p.weight.mul_(4.0)
+    return model
+
+
+@pytest.fixture
+def teacher64():
+    return tiny_llama()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,213 @@
+"""Data layer: loading sources, packing, the token cache, seeded order, sharding and resuming."""
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import boto3
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from moto import mock_aws
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from zebra import data
+from zebra.data import PackedDataset, builtin_texts, load_texts, pack, packed_sequences, tokenize
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A byte-level tokenizer (one token per UTF-8 byte, lossless) plus <eos>: no download, instant."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path / "zebra"))
+
+
+def _random_docs(rng: random.Random, n: int) -> list[list[int]]:
+    return [[rng.randrange(1000) for _ in range(rng.randrange(0, 40))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pack_fixed_lengths_loses_only_the_tail(seq_len, seed):
+    docs = _random_docs(random.Random(seed), 50)
+    flat = [t for d in docs for t in d]
+    seqs = list(pack(iter(docs), seq_len))
+    assert all(len(s) == seq_len for s in seqs)
+    assert [t for s in seqs for t in s] == flat[: len(seqs) * seq_len]
+    assert 0 <= len(flat) - len(seqs) * seq_len < seq_len
+    with pytest.raises(ValueError, match="seq_len"):
+        next(pack(docs, 0))
+
+
+def test_tokenize_is_lossless_and_ends_each_document_with_eos(tok):
+    texts = ["héllo world", "second\ndocument", "x" * 600]
+    ids = list(tokenize(texts, tok, batch_size=2))
+    assert len(ids) == 3 and all(d[-1] == tok.eos_token_id for d in ids)
+    assert [tok.decode(d[:-1]) for d in ids] == texts
+
+
+def test_packed_sequences_match_pack_and_are_cached(tok, tmp_path, monkeypatch):
+    texts = [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(200)]
+    seqs = packed_sequences(texts, tok, 32, tmp_path / "tok")
+    expected = np.array(list(pack(tokenize(texts, tok), 32)))
+    assert seqs.shape == expected.shape and (seqs == expected).all()
+    with pytest.raises(ValueError, match="fewer tokens than one sequence"):
+        packed_sequences(["ab"], tok, 32, tmp_path / "tok")
+    def no_retokenising(*args):
+        raise RuntimeError("re-tokenised")
+
+    monkeypatch.setattr(data, "_pack_array", no_retokenising)
+    assert (packed_sequences(texts, tok, 32, tmp_path / "tok") == expected).all()
+    assert len(list((tmp_path / "tok").glob("*.npy"))) == 1
+    for other in ((texts[:-1], 32), (texts, 16)):  # another corpus or seq_len is another file
+        with pytest.raises(RuntimeError, match="re-tokenised"):
+            packed_sequences(other[0], tok, other[1], tmp_path / "tok")
+
+
+def _epoch_rows(ds: PackedDataset, epoch: int) -> list[int]:
+    return [ds.row(p) for p in range(epoch * len(ds), (epoch + 1) * len(ds))]
+
+
+def test_order_is_deterministic_per_seed():
+    seqs = np.arange(40 * 4).reshape(40, 4)
+    a, b, c = PackedDataset(seqs, seed=3), PackedDataset(seqs, seed=3), PackedDataset(seqs, seed=4)
+    batches_a = [a.next_batch(6) for _ in range(10)]  # crosses an epoch boundary
+    assert all((x == b.next_batch(6)).all() for x in batches_a)
+    assert not all((x == c.next_batch(6)).all() for x in batches_a)
+    fresh = PackedDataset(seqs, seed=3)
+    assert sorted(_epoch_rows(fresh, 0)) == list(range(40)) and _epoch_rows(fresh, 0) != _epoch_rows(fresh, 1)
+    assert batches_a[0].dtype == np.int64 and (batches_a[0] == seqs[_epoch_rows(fresh, 0)[:6]]).all()
+
+
+@pytest.mark.parametrize("n,world", [(24, 3), (25, 4), (7, 7)])
+def test_shards_are_disjoint_and_cover_the_epoch(n, world):
+    seqs = np.arange(n)[:, None]
+    shards = [PackedDataset(seqs, seed=11, rank=r, world_size=world) for r in range(world)]
+    for epoch in (0, 1):
+        rows = [_epoch_rows(s, epoch) for s in shards]
+        assert all(len(r) == n // world for r in rows)
+        flat = [x for r in rows for x in r]
+        assert len(set(flat)) == len(flat) == n // world * world  # disjoint; only n % world skipped
+    with pytest.raises(ValueError, match="rank"):
+        PackedDataset(seqs, rank=world, world_size=world)
+
+
+def test_resume_continues_exactly_where_it_stopped():
+    seqs = np.random.default_rng(0).integers(0, 100, size=(30, 5))
+    whole = PackedDataset(seqs, seed=7, rank=1, world_size=2)
+    expected = [whole.next_batch(4) for _ in range(9)]
+    first = PackedDataset(seqs, seed=7, rank=1, world_size=2)
+    for _ in range(5):
+        first.next_batch(4)
+    state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
+    resumed = PackedDataset(seqs, seed=7, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert all((resumed.next_batch(4) == e).all() for e in expected[5:])
+    with pytest.raises(ValueError, match="world_size=2.*world_size=3"):
+        PackedDataset(seqs, seed=7, world_size=3).load_state_dict(state)
+
+
+def _write_sources(root: Path, docs: list[str]) -> dict[str, Path]:
+    root.mkdir()
+    (root / "d.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs)))
+    (root / "d.json").write_text(json.dumps([{"text": t} for t in docs]))
+    pq.write_table(pa.table({"text": docs}), root / "d.parquet")
+    (root / "txt").mkdir()
+    for i, t in enumerate(docs):
+        (root / "txt" / f"{i:02d}.txt").write_text(t)
+    return {s: root / f"d.{s}" for s in ("jsonl", "json", "parquet")} | {"txt": root / "txt"}
+
+
+def test_local_files_and_folders(tmp_path):
+    docs = [f"doc {i}\nwith two lines" for i in range(12)] + [""]  # the empty one is dropped
+    for kind, path in _write_sources(tmp_path / "src", docs).items():
+        assert load_texts(str(path)) == docs[:-1], kind
+    assert load_texts(str(tmp_path / "src" / "d.jsonl"), limit=3) == docs[:3]
+    with pytest.raises(ValueError, match="no field 'body'.*'id', 'text'"):
+        load_texts(str(tmp_path / "src" / "d.jsonl"), text_field="body")
+    with pytest.raises(ValueError, match="mixes formats"):
+        load_texts(str(tmp_path / "src"))
+
+
+def test_missing_sources_and_unknown_schemes_are_named(tmp_path):
+    for missing in (tmp_path / "nope.jsonl", tmp_path / "nodir", Path("data/absent.parquet")):
+        with pytest.raises(FileNotFoundError, match=str(missing)):
+            load_texts(str(missing))
+    with pytest.raises(ValueError, match="'gs'"):
+        load_texts("gs://bucket/x.jsonl")
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(ValueError, match="notes.md"):
+        load_texts(str(tmp_path / "notes.md"))
+
+
+def test_s3_object_and_folder(monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="corpus")
+        s3.put_object(Bucket="corpus", Key="web/a.jsonl", Body=b'{"text": "one"}\n{"text": "two"}\n')
+        s3.put_object(Bucket="corpus", Key="web/b.jsonl", Body=b'{"text": "three"}\n')
+        assert load_texts("s3://corpus/web/b.jsonl") == ["three"]
+        assert load_texts("s3://corpus/web") == ["one", "two", "three"]
+        with pytest.raises(FileNotFoundError, match="s3://corpus/none"):
+            load_texts("s3://corpus/none/")
+        with pytest.raises(FileNotFoundError, match="s3://corpus/web/zz.jsonl"):
+            load_texts("s3://corpus/web/zz.jsonl")
+        with pytest.raises(FileNotFoundError, match="s3://nobucket/web"):
+            load_texts("s3://nobucket/web")
+
+
+def test_hub_ids_go_to_datasets(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return iter([{"text": "a"}, {"text": None}, {"text": "b"}, {"text": "c"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_texts("org/corpus", split="validation", name="en", limit=2) == ["a", "b"]
+    assert load_texts("corpus") == ["a", "b", "c"]
+    assert calls == [("org/corpus", "en", "validation", True), ("corpus", None, "train", False)]
+
+
+def test_builtin_corpus_is_large_english_and_deterministic():
+    texts = builtin_texts()
+    joined = "\n".join(texts)
+    assert len(joined) > 1_000_000 and len(set(texts)) == len(texts)
+    assert joined.count(" the ") > 5000  # prose, not code
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    part = data._stdlib_docstrings(lib / "email")  # a recomputation in the same order
+    assert part == data._stdlib_docstrings(lib / "email") and len(part) > 20
+    assert set(part) <= set(texts)
+
+
+@pytest.mark.slow
+def test_teacher_tokenizer_packs_builtin_corpus(tmp_path):
+    """The real teacher tokenizer (SmolLM2, from its GGUF file; ~10 s to load) over the builtin corpus."""
+    from transformers import AutoTokenizer
+
+    from zebra.teacher import default_teacher_gguf
+
+    gguf = default_teacher_gguf()
+    teacher_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    texts = builtin_texts()
+    seqs = packed_sequences(texts, teacher_tok, 512, tmp_path)
+    assert seqs.dtype == np.uint16 and seqs.shape[1] == 512 and seqs.shape[0] > 500
+    assert (seqs == teacher_tok.eos_token_id).sum() >= len(texts) - 1  # every document but the cut tail ends in EOS
+    assert teacher_tok.decode(seqs[0][:50]) in texts[0]

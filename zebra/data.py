@@ -1,0 +1,322 @@
+"""Training text -> fixed-length token sequences, cached, in a seeded order, sharded across ranks, resumable.
+
+    texts = load_texts("builtin")                       # or a file/folder, s3://..., or a hub id
+    seqs = packed_sequences(texts, tokenizer, 512)      # [n, 512], tokenised once, cached as .npy
+    data = PackedDataset(seqs, seed=0, rank=r, world_size=w)
+    batch = data.next_batch(8)                          # [8, 512] int64; data.state_dict() resumes here
+
+Sequences are inputs only: a training step shifts them for next-token targets.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .teacher import cache_root
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> datasets builder
+MIN_DOC_CHARS = 200  # shorter docstrings are mostly "Return self." and signatures, not prose
+SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+CACHE_VERSION = b"zebra-packed-v1"  # bump when tokenize/pack change what a cache file holds
+
+
+def load_texts(
+    source: str,
+    split: str = "train",
+    text_field: str = "text",
+    *,
+    name: str | None = None,
+    limit: int | None = None,
+    s3_endpoint_url: str | None = None,
+) -> list[str]:
+    """Documents of a corpus, in the source's order (empty and missing texts dropped).
+
+    source: "builtin" (offline, see builtin_texts); a local file or folder (.txt = one document
+    per file; .json/.jsonl/.parquet = one per record, read from text_field); s3://bucket/key, an
+    object or a folder of such files ($AWS_ENDPOINT_URL or s3_endpoint_url for S3-compatible
+    servers); otherwise a Hugging Face hub dataset id, with config `name`.
+    split: the split of a hub dataset, or the name given to local/S3 files; the builtin corpus has one.
+    limit: keep the first `limit` documents (a hub dataset is then streamed, not downloaded whole).
+    """
+    scheme, sep, _ = source.partition("://")
+    if source == BUILTIN:
+        texts = builtin_texts()
+    elif sep and scheme == "s3":
+        texts = _load_local(_download_s3(source, s3_endpoint_url), split, text_field, label=source)
+    elif sep:
+        raise ValueError(f"data source {source!r}: unknown scheme {scheme!r}; use a path, s3:// or a hub id")
+    elif _is_local(source):
+        texts = _load_local(Path(source).expanduser(), split, text_field, label=source)
+    else:
+        texts = _load_hub(source, name, split, text_field, limit)
+    return texts[:limit]  # a copy, also of the cached builtin list
+
+
+def _is_local(source: str) -> bool:
+    """A path rather than a hub id ("org/name"): it exists, or it is spelled like a path."""
+    path = Path(source).expanduser()
+    return path.exists() or source.startswith(("/", ".", "~")) or path.suffix in FORMATS or source.count("/") > 1
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    """(datasets builder, sorted data files) of a file or a folder of one format."""
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS and not p.name.startswith("."))
+        if not files:
+            raise FileNotFoundError(f"data folder {path} holds no {'/'.join(FORMATS)} files")
+    else:
+        raise FileNotFoundError(f"data file or folder {path} does not exist")
+    unknown = [str(p) for p in files if p.suffix not in FORMATS]
+    if unknown:
+        raise ValueError(f"data file {unknown[0]}: unsupported suffix; use one of {', '.join(FORMATS)}")
+    builders = sorted({FORMATS[p.suffix] for p in files})
+    if len(builders) > 1:
+        raise ValueError(f"data folder {path} mixes formats {builders}; keep one format per folder")
+    return builders[0], [str(p) for p in files]
+
+
+def _load_local(path: Path, split: str, text_field: str, label: str) -> list[str]:
+    import datasets  # heavy; only loaders need it
+
+    builder, files = _local_files(path)
+    extra = {"sample_by": "document"} if builder == "text" else {}
+    ds = datasets.load_dataset(builder, data_files={split: files}, split=split, **extra)
+    if text_field not in ds.column_names:
+        raise ValueError(f"data {label}: no field {text_field!r}; its fields are {sorted(ds.column_names)}")
+    return [t for t in ds[text_field] if t]
+
+
+def _load_hub(source: str, name: str | None, split: str, text_field: str, limit: int | None) -> list[str]:
+    import datasets
+
+    ds = datasets.load_dataset(source, name, split=split, streaming=limit is not None)
+    texts: list[str] = []
+    for row in ds:
+        if len(texts) == limit:
+            break
+        if text_field not in row:
+            raise ValueError(f"data {source!r}: no field {text_field!r}; its fields are {sorted(row)}")
+        if row[text_field]:
+            texts.append(row[text_field])
+    return texts
+
+
+def _download_s3(uri: str, endpoint_url: str | None) -> Path:
+    """Download an S3 object, or every object under an S3 folder, to the cache; returns the local path."""
+    import boto3
+    import botocore.exceptions
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    key = key.strip("/")
+    client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+    dest = cache_root() / "data" / "s3" / bucket / key
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        for obj, local in _s3_objects(client, bucket, key, dest).items():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj, str(local))
+    except botocore.exceptions.ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        missing = code in ("404", "NoSuchKey", "NoSuchBucket")
+        raise (FileNotFoundError if missing else OSError)(f"data source {uri}: {code} ({e})") from e
+    return dest
+
+
+def _s3_objects(client, bucket: str, key: str, dest: Path) -> dict[str, Path]:
+    """{S3 key: local path}: the object itself when key names a data file, else every object under the folder."""
+    if Path(key).suffix in FORMATS:
+        return {key: dest}
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/" if key else "")
+    objects = {o["Key"]: dest / o["Key"][len(key) :].lstrip("/") for p in pages for o in p.get("Contents", [])}
+    if not objects:
+        raise FileNotFoundError(f"data source s3://{bucket}/{key}: no objects under it")
+    return objects
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_texts() -> list[str]:
+    """An offline English corpus (~2 M characters) from the running Python installation, no download.
+
+    In order: the Language Reference and library topics that `help()` shows (pydoc_data.topics,
+    sorted by topic); the module, class and function docstrings of the standard library's .py
+    files (sorted by path, parsed with ast so nothing is imported; tests and site-packages left
+    out; at least MIN_DOC_CHARS characters; first occurrence of duplicates kept); Python's
+    LICENSE.txt. Deterministic for a given Python version. Parsing takes a few seconds, once per process.
+    """
+    from pydoc_data.topics import topics
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [topics[k] for k in sorted(topics)]
+    texts += _stdlib_docstrings(lib)
+    if (lib / "LICENSE.txt").is_file():
+        texts.append((lib / "LICENSE.txt").read_text(encoding="utf-8"))
+    return list(dict.fromkeys(texts))
+
+
+def _stdlib_docstrings(lib: Path) -> list[str]:
+    """Docstrings of at least MIN_DOC_CHARS of the .py files under lib, by sorted path then source order."""
+    files = sorted(p for p in lib.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(lib).parts))
+    docs = []
+    for path in files:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):  # a few stdlib files are templates or Latin-1
+            log.debug("builtin corpus: skipping %s (not parseable)", path)
+            continue
+        docs += [d for d in _docstrings(tree) if len(d) >= MIN_DOC_CHARS]
+    return docs
+
+
+def _docstrings(tree: ast.Module) -> Iterator[str]:
+    """Docstrings of the module and of the classes/functions reachable through class and def bodies."""
+    kinds = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    todo = [tree]
+    while todo:
+        node = todo.pop(0)
+        doc = ast.get_docstring(node)
+        if doc:
+            yield doc
+        todo += [n for n in node.body if isinstance(n, kinds)]
+
+
+def tokenize(texts: Iterable[str], tokenizer, batch_size: int = 256) -> Iterator[list[int]]:
+    """Per document: its token ids (no special tokens added) followed by the tokenizer's EOS id."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token_id; packing needs one")
+    it = iter(texts)
+    while batch := list(itertools.islice(it, batch_size)):
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            yield list(ids) + [eos]
+
+
+def pack(token_ids: Iterable[Sequence[int]], seq_len: int) -> Iterator[list[int]]:
+    """Concatenate documents' ids and cut into [seq_len] lists; the final partial piece is dropped."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    buf: list[int] = []
+    for ids in token_ids:
+        buf.extend(ids)
+        full = len(buf) // seq_len * seq_len
+        for start in range(0, full, seq_len):
+            yield buf[start : start + seq_len]
+        del buf[:full]
+
+
+def packed_sequences(texts: Sequence[str], tokenizer, seq_len: int, cache_dir: str | Path | None = None) -> np.ndarray:
+    """[n, seq_len] token ids of the packed corpus (read-only memmap), cached by content.
+
+    The cache file is keyed by the texts, the tokenizer (its full serialised form) and seq_len, so
+    a changed corpus or tokenizer never reuses a stale file. cache_dir: default $ZEBRA_CACHE/tokens.
+    """
+    path = Path(cache_dir or cache_root() / "tokens") / f"{_fingerprint(texts, tokenizer, seq_len)}.npy"
+    if not path.exists():
+        log.info("tokenising %d documents into [*, %d] sequences -> %s", len(texts), seq_len, path)
+        _save_atomic(path, _pack_array(texts, tokenizer, seq_len))
+    return np.load(path, mmap_mode="r")
+
+
+def _pack_array(texts: Sequence[str], tokenizer, seq_len: int) -> np.ndarray:
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32  # halves the cache for small vocabularies
+    seqs = pack(tokenize(texts, tokenizer), seq_len)
+    blocks = []  # numpy blocks: a list of Python ints costs ~10x the memory
+    while block := list(itertools.islice(seqs, 4096)):
+        blocks.append(np.array(block, dtype=dtype))
+    if not blocks:
+        raise ValueError(f"corpus of {len(texts)} documents has fewer tokens than one sequence (seq_len={seq_len})")
+    return np.concatenate(blocks)
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """Write then rename, so concurrent workers never read a half-written cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _fingerprint(texts: Sequence[str], tokenizer, seq_len: int) -> str:
+    h = hashlib.sha256(CACHE_VERSION + f":{seq_len}:{tokenizer.eos_token_id}:".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    for text in texts:
+        data = text.encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()[:24]
+
+
+class PackedDataset:
+    """One rank's share of packed sequences, in a seeded order that is reshuffled every epoch.
+
+    Epoch e visits the permutation drawn from (seed, e) of all n sequences; rank r takes its
+    positions r, r + W, r + 2W, ... (W = world_size), n // W of them, so shards are disjoint and
+    every rank runs the same number of steps (the n % W left over in an epoch are skipped).
+    `position` counts this rank's sequences consumed across epochs; it is all a resume needs.
+    """
+
+    def __init__(self, sequences: np.ndarray, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if sequences.ndim != 2:
+            raise ValueError(f"sequences must be [n, seq_len], got shape {sequences.shape}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if len(sequences) < world_size:
+            raise ValueError(f"{len(sequences)} sequences cannot give each of {world_size} ranks one")
+        self.sequences, self.seed, self.rank, self.world_size = sequences, seed, rank, world_size
+        self.position = 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        """Sequences per epoch on this rank."""
+        return len(self.sequences) // self.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self.position // len(self)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.sequences))
+        return self._order_cache[1]
+
+    def row(self, position: int) -> int:
+        """Row of `sequences` this rank reads at a position of its stream."""
+        epoch, i = divmod(position, len(self))
+        return int(self._order(epoch)[self.rank + i * self.world_size])
+
+    def next_batch(self, batch_size: int) -> np.ndarray:
+        """The next [batch_size, seq_len] int64 sequences (crossing into the next epoch as needed)."""
+        rows = [self.row(p) for p in range(self.position, self.position + batch_size)]
+        self.position += batch_size
+        return np.asarray(self.sequences[rows], dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        return {
+            "position": self.position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_sequences": len(self.sequences),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the order-defining fields must match this dataset's."""
+        for field, mine in (("seed", self.seed), ("world_size", self.world_size), ("num_sequences", len(self.sequences))):
+            if state[field] != mine:
+                raise ValueError(f"data state has {field}={state[field]}, this dataset has {field}={mine}")
+        self.position = int(state["position"])

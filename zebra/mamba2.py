@@ -1,0 +1,152 @@
+"""Mamba2 (SSD) token mixer in the MambaInLlama layout, so that it can start from a Llama attention layer.
+
+One projection of the input gives, per token,
+    z [heads * P]      gate of the output norm
+    x [groups * P]     values, one group per Llama KV head     (init: W_v)
+    B [groups * N]     input map, one group per KV head        (init: W_k)
+    C [heads * N]      output map, one per head                (init: W_q)
+    dt [heads]         step size, dt = softplus(dt_raw + dt_bias)
+x|B|C pass a causal depthwise conv and SiLU; x and B are repeated from groups to heads as GQA
+repeats K/V (head i reads group i // (heads // groups)). Then per head
+    S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T      y_t = S_t C_t + D x_t      (A = -exp(A_log))
+and out = out_proj(RMSNorm(y * silu(z)) * weight), the RMS taken per head as MambaInLlama does
+(mamba_ssm RMSNormGated with group_size = head_dim, norm_before_gate=False).
+
+Decode state per layer (ZebraCache): conv window [batch, conv_dim, d_conv] (the last d_conv conv
+inputs) and SSM state [batch, heads, P, N].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.ssd import causal_conv1d, causal_conv1d_step, ssd_scan, ssd_step
+
+from .cache import ZebraCache
+from .config import ZebraConfig
+
+DT_RANGE = (1e-3, 1e-1)  # softplus(dt_bias) is drawn log-uniform in this range
+DT_FLOOR = 1e-4
+A_RANGE = (1.0, 16.0)  # -A is drawn uniform in this range
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) * weight, the RMS taken over consecutive groups of `group_size` channels."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z [..., dim] -> [..., dim] in y's dtype (computed in at least float32)."""
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        g = (y.to(dtype) * F.silu(z.to(dtype))).unflatten(-1, (-1, self.group_size))
+        g = g * torch.rsqrt(g.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * self.weight.to(dtype)).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba2 token mixer of one ZebraForCausalLM layer. Linear weights are [out, in], no biases."""
+
+    def __init__(self, config: ZebraConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.head_dim = config.mamba_heads, config.mamba_head_dim
+        self.d_state, self.groups = config.d_state, config.mamba_groups
+        self.chunk_size, self.backend = config.chunk_size, config.mamba_backend
+        self.d_inner = self.heads * self.head_dim
+        self.d_xb = self.groups * self.head_dim
+        self.conv_dim = self.d_xb + self.groups * self.d_state + self.heads * self.d_state
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.heads, bias=False)
+        # Depthwise, with bias; applied causally through kernels.ssd (never through Conv1d.forward).
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim)
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.head_dim, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba2's draws: softplus(dt_bias) log-uniform in DT_RANGE, A_log = log(uniform(A_RANGE)), D = 1."""
+        lo, hi = map(math.log, DT_RANGE)
+        dt = torch.exp(torch.rand(self.heads, dtype=torch.float64) * (hi - lo) + lo).clamp(min=DT_FLOOR)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.A_log.copy_(torch.empty(self.heads, dtype=torch.float64).uniform_(*A_RANGE).log())
+        self.D.fill_(1.0)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache: ZebraCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [batch, new, d_model] -> [batch, new, d_model]. position_ids are unused (no positions).
+
+        cache: before any state is stored, a prefill that stores the conv window and the final SSM
+        state; afterwards a one-token step (new == 1) or a scan that continues from the stored state.
+        attention_mask: 0/1 [batch, cached + new] with left padding, or None. Padded positions are
+        zeroed before in_proj and after the conv, so they leave the conv window and SSM state as zeros.
+        """
+        new = hidden_states.shape[1]
+        mask = None if attention_mask is None else attention_mask[:, -new:, None].to(hidden_states.dtype)
+        if mask is not None:
+            hidden_states = hidden_states * mask
+        z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+        dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        dt = F.softplus((dt + self.dt_bias).to(dtype))
+        state = cache.mamba_state(self.layer_idx) if cache is not None else None
+        if state is not None and new == 1:
+            y, window, ssm = self._step(xbc[:, 0], dt[:, 0], *state, mask)
+        else:
+            y, window, ssm = self._scan(xbc, dt, state, mask)
+        if cache is not None:
+            cache.set_mamba_state(self.layer_idx, window, ssm.to(hidden_states.dtype))
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def _scan(self, xbc, dt, state, mask):
+        """xbc [b, t, conv_dim], dt [b, t, heads], state (window, ssm) or None, mask [b, t, 1] or None
+        -> y [b, t, heads, P], window [b, conv_dim, d_conv], ssm [b, heads, P, N]."""
+        window, ssm = state if state is not None else (None, None)
+        conv_in = xbc.transpose(1, 2)
+        initial = None if window is None else window[..., 1:]
+        conv_out = causal_conv1d(conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, initial, self.backend)
+        x, B, C = self._heads(self._activate(conv_out.transpose(1, 2), mask))
+        y, ssm = ssd_scan(x, dt, self._A(), B, C, self.chunk_size, D=self.D, initial_state=ssm, backend=self.backend)
+        return y, self._last_window(conv_in, window), ssm
+
+    def _step(self, xbc, dt, window, ssm, mask):
+        """One token: xbc [b, conv_dim], dt [b, heads] -> y [b, 1, heads, P], new window, new ssm."""
+        conv_out, window = causal_conv1d_step(window, xbc, self.conv1d.weight[:, 0], self.conv1d.bias)
+        x, B, C = self._heads(self._activate(conv_out[:, None], mask))
+        y, ssm = ssd_step(ssm, x[:, 0], dt, self._A(), B[:, 0], C[:, 0], self.D)
+        return y[:, None], window, ssm
+
+    def _activate(self, conv_out, mask):
+        """SiLU of the conv output [b, t, conv_dim]; masked positions set to 0 so they feed no state."""
+        out = F.silu(conv_out)
+        return out if mask is None else out * mask
+
+    def _heads(self, xbc):
+        """[b, t, conv_dim] -> x [b, t, heads, P], B, C [b, t, heads, N]; x and B repeated from groups to heads."""
+        x, B, C = xbc.split([self.d_xb, self.groups * self.d_state, self.heads * self.d_state], dim=-1)
+        rep = self.heads // self.groups
+        x = x.unflatten(-1, (self.groups, self.head_dim)).repeat_interleave(rep, dim=2)
+        B = B.unflatten(-1, (self.groups, self.d_state)).repeat_interleave(rep, dim=2)
+        return x, B, C.unflatten(-1, (self.heads, self.d_state))
+
+    def _A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
+    def _last_window(self, conv_in, window):
+        """The last d_conv conv inputs [b, conv_dim, d_conv], left-padded with the previous window (or zeros)."""
+        k = self.conv1d.kernel_size[0]
+        if window is None:
+            window = conv_in.new_zeros(*conv_in.shape[:2], k)
+        return torch.cat([window.to(conv_in.dtype), conv_in[..., -k:]], dim=-1)[..., -k:]

@@ -1,0 +1,161 @@
+"""Multi-head latent attention (DeepSeek-V2 style, no biases), with a naive and an absorbed path.
+
+Per token the layer caches a latent c = W_kv_a x  [kv_rank] and one RoPE key k_pe [qk_rope_dim]
+shared by all heads. Head h sees
+    k_h = [W_kb_h c ; k_pe]        v_h = W_vb_h c        (W_kb_h, W_vb_h: rows of kv_b_proj)
+    q_h = [q_nope_h ; q_pe_h]      score = scale * (q_nope_h . W_kb_h c + q_pe_h . k_pe)
+The naive path decompresses k_h, v_h for every cached token and calls SDPA (prefill, training).
+The absorbed path folds W_kb_h into the query and W_vb_h into the output, so attention runs in
+latent space against the cache as stored (decode).
+
+There are no norms on the latents (DeepSeek has q_a/kv_a RMSNorms): a norm between the factors
+would stop an SVD factorisation of the teacher's projections from being exact (zebra.init_mla).
+
+RoPE: HF rotate_half layout over the qk_rope_dim dims (dim p pairs with p + qk_rope_dim/2); pair p
+rotates at the teacher's frequency index rope_freq_idx[p], i.e. inv_freq = theta^(-2 idx / head_dim)
+with the teacher's head_dim. rope_freq_idx is a persistent per-layer buffer, initialised from
+ZebraConfig.rope_freq_idx and overwritten by the conversion, because each layer keeps its own
+frequencies.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ZebraCache
+from .config import ZebraConfig
+
+
+def rope_cos_sin(position_ids: torch.Tensor, freq_idx: torch.Tensor, theta: float, head_dim: int):
+    """cos, sin [batch, seq, 2 * len(freq_idx)] in float32 for position_ids [batch, seq].
+
+    The arithmetic repeats HF's default RoPE step by step, so a kept frequency matches the
+    teacher's bit for bit.
+    """
+    inv_freq = 1.0 / (theta ** ((2 * freq_idx).float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., 2P] (rotate_half layout: dim p pairs with p + P); cos, sin broadcast to x."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def causal_mask(new: int, total: int, device: torch.device) -> torch.Tensor:
+    """bool [new, total]: query i (the i-th of the newest `new` tokens) may see key j iff j <= total - new + i."""
+    rows = torch.arange(new, device=device)[:, None] + (total - new)
+    return torch.arange(total, device=device)[None, :] <= rows
+
+
+def attention_mask_4d(padding_mask: torch.Tensor | None, new: int, total: int, device) -> torch.Tensor | None:
+    """bool [batch or 1, 1, new, total] (True: may attend) from a 0/1 padding mask [batch, total].
+
+    None when the mask is plain causal over a fresh sequence (SDPA's is_causal covers it).
+    A query row with no visible key (a left-pad position) is allowed every key instead, so it
+    yields a finite, unused value rather than NaN; real tokens never see padded keys.
+    """
+    if padding_mask is None and new == total:
+        return None
+    allowed = causal_mask(new, total, device)[None, None]
+    if padding_mask is not None:
+        if padding_mask.shape[-1] != total:
+            raise ValueError(
+                f"attention_mask has {padding_mask.shape[-1]} columns; expected cached + new tokens = {total}"
+            )
+        allowed = allowed & padding_mask[:, None, None, :].to(device=device, dtype=torch.bool)
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class MLAttention(nn.Module):
+    """MLA token mixer of one ZebraForCausalLM layer. Linear weights are [out, in], no biases."""
+
+    def __init__(self, config: ZebraConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.kv_rank, self.q_rank = config.kv_rank, config.q_rank
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_dim, config.qk_rope_dim, config.v_head_dim
+        self.scale = config.attn_scale
+        self.absorb = config.mla_absorb
+        self.rope_theta, self.teacher_head_dim = config.rope_theta, config.head_dim
+        d_model, heads = config.hidden_size, config.num_attention_heads
+        q_out = heads * (self.nope_dim + self.rope_dim)
+        if config.q_rank is None:
+            self.q_proj = nn.Linear(d_model, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d_model, config.q_rank, bias=False)
+            self.q_b_proj = nn.Linear(config.q_rank, q_out, bias=False)
+        self.kv_a_proj = nn.Linear(d_model, self.kv_rank + self.rope_dim, bias=False)
+        self.kv_b_proj = nn.Linear(self.kv_rank, heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_dim, d_model, bias=False)
+        self.register_buffer("rope_freq_idx", torch.tensor(config.rope_freq_idx, dtype=torch.long))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: ZebraCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [batch, new, d_model], position_ids [batch, new] (long) -> [batch, new, d_model].
+
+        cache: appends this call's latent and RoPE key (prefill or decode) and attends to the whole
+        history. attention_mask: 0/1 [batch, cached + new] padding mask (left padding), or None.
+        """
+        q_nope, q_pe = self._query(hidden_states)
+        latent, k_pe = self.kv_a_proj(hidden_states).split([self.kv_rank, self.rope_dim], dim=-1)
+        cos, sin = rope_cos_sin(position_ids, self.rope_freq_idx, self.rope_theta, self.teacher_head_dim)
+        cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
+        k_pe = apply_rope(k_pe, cos, sin)
+        if cache is not None:
+            latent, k_pe = cache.update_mla(self.layer_idx, latent.contiguous(), k_pe)
+        new, total = hidden_states.shape[1], latent.shape[1]
+        mask = attention_mask_4d(attention_mask, new, total, hidden_states.device)
+        attend = self.absorbed_attention if self._use_absorbed(new, total) else self.naive_attention
+        return self.o_proj(attend(q_nope, q_pe, latent, k_pe, mask))
+
+    def _use_absorbed(self, new: int, total: int) -> bool:
+        # Absorbed attention costs ~new*total*(2 kv_rank + rope) per head; the naive path pays
+        # ~total*kv_rank*(nope + v) to decompress the history. So absorb only when a cache holds
+        # history and the step is short (decode), never on a fresh prefill.
+        return self.absorb and total > new and new <= self.kv_rank
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [batch, new, d_model] -> q_nope [batch, heads, new, nope], q_pe [batch, heads, new, rope] (unrotated)."""
+        q = self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_proj(x))
+        q = q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        return q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+    def naive_attention(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """Decompress K/V from the latent and run SDPA.
+
+        q_nope [b, h, t, nope], q_pe [b, h, t, rope] (rotated), latent [b, s, kv_rank],
+        k_pe [b, s, rope] (rotated), mask bool [b|1, 1, t, s] or None (causal, s == t) -> [b, t, h * v].
+        """
+        (b, s), heads, t = latent.shape[:2], self.num_heads, q_nope.shape[2]
+        kv = self.kv_b_proj(latent).view(b, s, heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(b, heads, s, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return out.transpose(1, 2).reshape(b, t, heads * self.v_dim)
+
+    def absorbed_attention(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """Attention in latent space: same arguments and result as naive_attention, K/V never formed."""
+        (b, s), t = latent.shape[:2], q_nope.shape[2]
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        scores = torch.einsum("bhtr,bsr->bhts", q_lat, latent) + torch.einsum("bhtp,bsp->bhts", q_pe, k_pe)
+        if mask is None:
+            mask = causal_mask(t, s, latent.device)
+        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        out_lat = torch.einsum("bhts,bsr->bhtr", probs.to(latent.dtype), latent)
+        return torch.einsum("bhtr,hvr->bthv", out_lat, w_uv).reshape(b, t, self.num_heads * self.v_dim)

