@@ -104,9 +104,11 @@ def measure(model, ids: torch.Tensor, gen: int, repeats: int) -> dict:
             "cache_bytes": held, "cache_bytes_formula": formula}
 
 
-def max_batch(model, context: int, gen: int, budget: int, measured: dict, batch: int, device: str) -> int:
-    """Largest batch whose run at this context fits `budget` bytes."""
-    if not device.startswith("cuda"):
+def max_batch(model, context: int, gen: int, budget: int, measured: dict, batch: int, device: str,
+              search: bool = False) -> int:
+    """Largest batch whose run at this context fits `budget` bytes: searched by real runs on CUDA when
+    `search` (each probe prefills the whole batch: minutes at long contexts), else from the cache size."""
+    if not (search and device.startswith("cuda")):
         per_sequence = measured["cache_bytes"] / batch
         return max(int((budget - weight_bytes(model)) // per_sequence), 0)
     return _largest_fitting(lambda b: _fits(model, b, context, gen, budget, device))
@@ -138,7 +140,7 @@ def _largest_fitting(fits, limit: int = 1 << 16) -> int:
 
 
 def run(teacher, hybrid, contexts: list[int], batch: int, gen: int, budget: int, device: str, repeats: int = 3,
-        seed: int = 0) -> list[dict]:
+        seed: int = 0, search: bool = False) -> list[dict]:
     """One row per context: each model's measurements, its max batch, and hybrid/teacher ratios."""
     rows = []
     models = {"teacher": teacher, "hybrid": hybrid}
@@ -150,7 +152,7 @@ def run(teacher, hybrid, contexts: list[int], batch: int, gen: int, budget: int,
         row = {"context": context, "batch": batch, "gen": gen}
         for name, model in models.items():
             row[name] = measure(model, ids, gen, repeats)
-            row[name]["max_batch"] = max_batch(model, context, gen, budget, row[name], batch, device)
+            row[name]["max_batch"] = max_batch(model, context, gen, budget, row[name], batch, device, search)
         row["ratios"] = {key: row["hybrid"][key] / row["teacher"][key] if row["teacher"][key] else None
                          for key in ("decode_tokens_per_s", "peak_bytes", "cache_bytes", "max_batch")}
         rows.append(row)
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest counts")
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the max batch (default: "
                    "the device's total memory on CUDA, 4 GiB on CPU)")
+    p.add_argument("--search-batch", action="store_true", help="find the max batch by real runs on CUDA "
+                   "(slow) instead of (budget - weights) / cache bytes per sequence")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 on CUDA and float32 on CPU by default")
     p.add_argument("--out", default="runs/benchmarks/decode.json")
@@ -203,10 +207,13 @@ def main(argv: list[str] | None = None) -> None:
         budget = int(args.budget_gib * 2**30)
     else:
         budget = torch.cuda.get_device_properties(args.device).total_memory if args.device.startswith("cuda") else 4 * 2**30
-    rows = run(teacher, hybrid, args.contexts, args.batch, args.gen, budget, args.device, args.repeats)
+    rows = run(teacher, hybrid, args.contexts, args.batch, args.gen, budget, args.device, args.repeats,
+               search=args.search_batch)
     print(table(rows))
     report = {"device": args.device, "dtype": str(dtype), "budget_bytes": budget, "batch": args.batch,
-              "gen": args.gen, "repeats": args.repeats, "teacher": args.teacher or "tiny random Llama", "hybrid": args.hybrid or "tiny conversion",
+              "gen": args.gen, "repeats": args.repeats,
+              "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+              "max_batch_method": "search" if args.search_batch and args.device.startswith("cuda") else "analytic", "teacher": args.teacher or "tiny random Llama", "hybrid": args.hybrid or "tiny conversion",
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

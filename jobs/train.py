@@ -1,0 +1,414 @@
+"""Distillation on Ray Train with DeepSpeed ZeRO: the training loop that the ILD and KD stages run.
+
+    result = distill(cfg, student_factory, teacher_factory, objective, data_factory, storage_path, run_name)
+
+Each Ray Train worker builds the student, wraps it in a DeepSpeed engine (ZeRO-2 or 3), starts a
+teacher beside itself (cluster.teacher), and takes `total_steps` optimizer steps over its shard
+of the data. Every `checkpoint_every` steps, and at the end, all ranks write a DeepSpeed
+checkpoint into one Ray Train checkpoint; a restarted worker group (FailureConfig) or a rerun of
+the same run_name loads the latest and continues at its step and data position. The final
+checkpoint also holds the student's full float32 state_dict (STUDENT_STATE_FILE).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import deepspeed
+import ray
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Empty, Queue
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cluster.placement import worker_resources
+from cluster.teacher import TEACHER_MODES, start_teacher
+from zebra.losses import kd_loss
+
+log = logging.getLogger(__name__)
+
+STUDENT_STATE_FILE = "student_fp32.pt"
+DS_TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside a Ray Train checkpoint
+FAULT_STEP_ENV = "ZEBRA_FAULT_AT_STEP"  # test hook: the last rank exits at the start of this step ...
+FAULT_MARKER_ENV = "ZEBRA_FAULT_MARKER"  # ... once: it creates this file first and never fires if it exists
+
+Batch = dict[str, Tensor]  # "input_ids" [micro_batch, seq_len] int64, plus whatever the objective reads
+DataFactory = Callable[[int, int, int], Iterable[Batch]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One distillation run. Steps are optimizer steps; a step takes grad_accum micro-batches per worker."""
+
+    workers: int = 2
+    use_gpu: bool = False
+    zero_stage: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.1  # of total_steps, linear from 0 (DeepSpeed warms up at least 2 steps)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    total_steps: int = 100
+    micro_batch: int = 4
+    seq_len: int = 128
+    grad_accum: int = 1
+    bf16: bool = False  # GPU only
+    teacher_mode: str = "actor"  # "actor" | "inprocess"
+    teacher_cpus: float = 0.5  # CPUs Ray reserves for each teacher actor
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    seed: int = 0
+    # Report (and log) every this many steps, and at each checkpoint; metrics average the steps between.
+    # Ray Train consumes one report per controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
+    # default) and blocks the next, so reports closer together than that stall training.
+    log_every: int = 10
+
+    def __post_init__(self):
+        _require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "2 or 3")
+        _require(self.teacher_mode in TEACHER_MODES, "teacher_mode", self.teacher_mode, f"one of {TEACHER_MODES}")
+        _require(not self.bf16 or self.use_gpu, "bf16", self.bf16, "False when use_gpu is False")
+        _require(0.0 <= self.warmup_frac < 1.0, "warmup_frac", self.warmup_frac, "in [0, 1)")
+        for name in ("workers", "total_steps", "micro_batch", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all workers."""
+        return self.workers * self.grad_accum * self.micro_batch * self.seq_len
+
+
+def _require(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig.{field}={value!r}: expected {expected}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a stage trains the student on; both callables must pickle (module-level or partials).
+
+    teacher_targets(teacher, batch) -> targets     asks the teacher (LocalTeacher or RemoteTeacher)
+    loss(student, targets, batch) -> scalar Tensor runs the student (the DeepSpeed engine, called
+                                                   like the module) and scores it
+    """
+
+    teacher_targets: Callable[[Any, Batch], Any]
+    loss: Callable[[nn.Module, Any, Batch], Tensor]
+
+
+def kd_objective(temperature: float = 1.0, top_k: int | None = None, ce_weight: float = 0.0) -> Objective:
+    """Logit distillation: zebra.losses.kd_loss of the student's logits against the teacher's
+    (top_k: the teacher sends only its k most likely tokens per position)."""
+    return Objective(
+        functools.partial(_kd_targets, top_k=top_k, temperature=temperature),
+        functools.partial(_kd_loss, temperature=temperature, ce_weight=ce_weight),
+    )
+
+
+def _kd_targets(teacher, batch: Batch, top_k: int | None, temperature: float):
+    return teacher.logits(batch["input_ids"], top_k, temperature)
+
+
+def _kd_loss(student: nn.Module, targets, batch: Batch, temperature: float, ce_weight: float) -> Tensor:
+    logits = student(batch["input_ids"]).logits
+    labels = batch.get("labels", batch["input_ids"]) if ce_weight > 0 else None
+    return kd_loss(logits, targets, temperature, ce_weight, labels)
+
+
+@dataclasses.dataclass
+class DistillResult:
+    """Ray Train's Result (final checkpoint, path, error) and every metrics report of rank 0, in
+    order, across worker-group restarts (a restart repeats the steps after its checkpoint)."""
+
+    result: ray.train.Result
+    history: list[dict]
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's full float32 state_dict from the final checkpoint."""
+        with self.result.checkpoint.as_directory() as d:
+            return torch.load(Path(d) / STUDENT_STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def distill(
+    cfg: TrainConfig,
+    student_factory: Callable[[], nn.Module],
+    teacher_factory: Callable[[], nn.Module],
+    objective: Objective,
+    data_factory: DataFactory,
+    storage_path: str,
+    run_name: str,
+) -> DistillResult:
+    """Train the student on `objective` with cfg.workers Ray Train workers; call with Ray connected.
+
+    student_factory()   the student in float32 on CPU, identical on every call (seed it)
+    teacher_factory()   the teacher in eval mode on CPU (cluster.teacher moves it to the device)
+    data_factory(rank, world_size, start) -> iterable of this rank's micro-batches, beginning after
+                        the first `start` of them (start = optimizer steps done * grad_accum), each
+                        {"input_ids": [micro_batch, seq_len] int64, ...}
+    storage_path, run_name  where Ray Train keeps checkpoints: storage_path/run_name; a rerun with
+                        the same pair resumes from the latest checkpoint
+    """
+    queue = Queue(actor_options={"num_cpus": 0})
+    loop_config = dict(cfg=cfg, student_factory=student_factory, teacher_factory=teacher_factory,
+                       objective=objective, data_factory=data_factory)
+    trainer = _trainer(cfg, loop_config, storage_path, run_name, _RelayReports(queue))
+    history: list[dict] = []
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(queue, cfg.total_steps, history, stop), daemon=True)
+    follower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        follower.join()
+        queue.shutdown()
+    return DistillResult(result, history)
+
+
+def _trainer(cfg: TrainConfig, loop_config: dict, storage_path: str, run_name: str, relay: UserCallback):
+    return TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg.use_gpu)
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
+            callbacks=[relay],
+        ),
+    )
+
+
+def _worker_env(cfg: TrainConfig) -> dict[str, str]:
+    """DeepSpeed picks its accelerator when imported: tell CPU workers before they import it."""
+    env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    env.update({k: os.environ[k] for k in (FAULT_STEP_ENV, FAULT_MARKER_ENV) if k in os.environ})
+    return env
+
+
+class _RelayReports(UserCallback):
+    """Runs in the Ray Train controller: forwards rank 0's metrics of each report to the driver."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        self.queue.put(metrics[0])
+
+
+def _follow(queue: Queue, total_steps: int, history: list[dict], stop: threading.Event) -> None:
+    """Driver thread: collect the relayed metrics into `history` and show them on a progress bar."""
+    with tqdm(total=total_steps, desc="distill", unit="step") as bar:
+        while not (stop.is_set() and queue.empty()):
+            try:
+                metrics = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            history.append(metrics)
+            bar.n = metrics["step"]
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+
+# -- inside each Ray Train worker ---------------------------------------------------------------
+
+
+def _train_loop(config: dict) -> None:
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(cfg.use_gpu)
+    torch.manual_seed(cfg.seed)
+    # A teacher actor starts up while DeepSpeed sets up the student.
+    teacher = start_teacher(config["teacher_factory"], cfg.teacher_mode, device, cfg.teacher_cpus)
+    engine = _engine(cfg, config["student_factory"](), world)
+    done = _resume(engine)
+    batches = iter(config["data_factory"](rank, world, done * cfg.grad_accum))
+    window = _Window()
+    for step in range(done + 1, cfg.total_steps + 1):
+        _maybe_fault(step, rank, world)
+        start = time.perf_counter()
+        loss = _optimizer_step(engine, teacher, config["objective"], batches, cfg, device)
+        window.add(loss, time.perf_counter() - start)
+        checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
+        if not (checkpoint or step % cfg.log_every == 0):
+            continue
+        metrics = window.flush(step, cfg, engine.get_lr()[0], resumed_from=done)
+        if rank == 0:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, cfg.total_steps, metrics["loss"],
+                     metrics["lr"], metrics["tokens_per_s"])
+        if checkpoint:
+            _report_checkpoint(engine, metrics, final=step == cfg.total_steps)
+        else:
+            ray.train.report(metrics)
+
+
+class _Window:
+    """The steps since the last report: their losses and seconds."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    def add(self, loss: float, seconds: float) -> None:
+        self.losses.append(loss)
+        self.seconds += seconds
+
+    def flush(self, step: int, cfg: TrainConfig, lr: float, resumed_from: int) -> dict:
+        """The report's metrics (loss and speed averaged over the window); starts a new window."""
+        n = len(self.losses)
+        metrics = {
+            "step": step, "loss": sum(self.losses) / n, "lr": lr, "tokens": step * cfg.tokens_per_step,
+            "tokens_per_s": n * cfg.tokens_per_step / self.seconds, "step_s": self.seconds / n,
+            "resumed_from": resumed_from,
+        }
+        self.losses, self.seconds = [], 0.0
+        return metrics
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    return device
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed config of a run: ZeRO stage, torch AdamW, warmup + cosine LR, clipping, bf16.
+
+    torch's AdamW everywhere: DeepSpeed's FusedAdam needs a CUDA JIT build and its CPUAdam a C++
+    one; torch's fused kernel covers the GPU and its foreach path the CPU.
+    """
+    adamw = {"lr": cfg.lr, "betas": [0.9, 0.95], "weight_decay": cfg.weight_decay, "torch_adam": True}
+    if cfg.use_gpu:
+        adamw["fused"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.bf16},
+        "optimizer": {"type": "AdamW", "params": adamw},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.total_steps,
+                "warmup_num_steps": max(1, round(cfg.warmup_frac * cfg.total_steps)),
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": cfg.min_lr_ratio,
+            },
+        },
+        "steps_per_print": cfg.total_steps + 1,  # we log; keep DeepSpeed's own step lines out
+    }
+
+
+def _engine(cfg: TrainConfig, student: nn.Module, world: int):
+    """The student inside a DeepSpeed engine (uses the process group Ray Train set up)."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engine, *_ = deepspeed.initialize(
+        model=student,
+        model_parameters=[p for p in student.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, world),
+    )
+    return engine
+
+
+def _resume(engine) -> int:
+    """Load the latest Ray Train checkpoint into the engine, if any; the optimizer steps it had done."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        path, client_state = engine.load_checkpoint(d, tag=DS_TAG)
+    if path is None:
+        raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under tag {DS_TAG!r}")
+    log.info("resumed from %s at step %d", checkpoint.path, client_state["step"])
+    return client_state["step"]
+
+
+def _optimizer_step(engine, teacher, objective: Objective, batches, cfg: TrainConfig, device) -> float:
+    """grad_accum micro-batches forward/backward and one optimizer step; the loss averaged over ranks."""
+    total = torch.zeros((), device=device)
+    for _ in range(cfg.grad_accum):
+        batch = _next_batch(batches, cfg, device)
+        targets = objective.teacher_targets(teacher, batch)
+        loss = objective.loss(engine, targets, batch)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
+        total += loss.detach().float()
+    dist.all_reduce(total)
+    return total.item() / (cfg.grad_accum * dist.get_world_size())
+
+
+def _next_batch(batches, cfg: TrainConfig, device) -> Batch:
+    batch = next(batches, None)
+    if batch is None:
+        raise RuntimeError("data_factory's iterator ran out before TrainConfig.total_steps")
+    shape = tuple(batch["input_ids"].shape)
+    if shape != (cfg.micro_batch, cfg.seq_len):
+        raise ValueError(f"batch input_ids shape {shape} != (TrainConfig.micro_batch, TrainConfig.seq_len) "
+                         f"= {(cfg.micro_batch, cfg.seq_len)}")
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _report_checkpoint(engine, metrics: dict, final: bool) -> None:
+    """Every rank writes its DeepSpeed shards into one Ray Train checkpoint; at the end rank 0 adds
+    the full float32 state_dict (gathered by all ranks)."""
+    state = _full_state_dict(engine) if final else None
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=DS_TAG, client_state={"step": metrics["step"]})
+        if state is not None and dist.get_rank() == 0:
+            torch.save(state, Path(d) / STUDENT_STATE_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def _full_state_dict(engine) -> dict[str, Tensor]:
+    """The student's state_dict in float32 on CPU, from DeepSpeed's fp32 master weights where it
+    keeps them (ZeRO-2/3 partitions), else from the module. Collective: every rank must call."""
+    module = engine.module
+    params = dict(module.named_parameters(remove_duplicate=False))
+    state = {}
+    for name, value in module.state_dict().items():
+        full = _full_param(params[name]) if name in params else value
+        state[name] = full.detach().float().cpu()
+    return state
+
+
+def _full_param(param: nn.Parameter) -> Tensor:
+    full = safe_get_full_fp32_param(param)
+    if full is not None:
+        return full
+    with deepspeed.zero.GatheredParameters([param]):  # frozen params have no fp32 master copy
+        return param.detach().clone()
+
+
+def _maybe_fault(step: int, rank: int, world: int) -> None:
+    """Test hook: with ZEBRA_FAULT_AT_STEP=step, the last rank dies here once per marker file."""
+    if os.environ.get(FAULT_STEP_ENV) != str(step) or rank != world - 1:
+        return
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if not marker:
+        raise ValueError(f"{FAULT_STEP_ENV} is set but {FAULT_MARKER_ENV} (a file path, fires once) is not")
+    try:
+        Path(marker).touch(exist_ok=False)
+    except FileExistsError:
+        return
+    log.warning("fault injection: rank %d exits at step %d", rank, step)
+    os._exit(1)

@@ -1,0 +1,187 @@
+"""Ray Train + DeepSpeed distillation on CPU: two workers, tiny random Llamas as teacher and student."""
+import functools
+import os
+import sys
+
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cluster.teacher import LocalTeacher, start_teacher
+from jobs.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, TrainConfig, distill, kd_objective
+from zebra.losses import TopKLogprobs, kd_loss
+
+# The factories below live in this test module, which Ray workers cannot import by name.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+VOCAB, SEQ, MICRO = 128, 16, 4
+
+
+def tiny_llama(seed: int, logit_scale: float = 1.0) -> LlamaForCausalLM:
+    """hidden 32, 2 layers, 4 heads, 2 KV heads, vocab 128; logit_scale sharpens the output."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    return model.eval()
+
+
+teacher_factory = functools.partial(tiny_llama, seed=1, logit_scale=40.0)  # peaked: KL starts large
+student_factory = functools.partial(tiny_llama, seed=2)
+
+
+def random_tokens(rank: int, world: int, start: int, seed: int = 0):
+    """Micro-batch i of a rank is a pure function of (seed, rank, i): a resumed run sees the same data."""
+    i = start
+    while True:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i * world + rank)
+        yield {"input_ids": torch.randint(0, VOCAB, (MICRO, SEQ), generator=gen)}
+        i += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    # Ray Train takes one report per controller poll; poll often so per-step reports do not stall.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+    del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+
+
+def config(**overrides) -> TrainConfig:
+    fields = dict(workers=2, total_steps=12, micro_batch=MICRO, seq_len=SEQ, lr=1e-2, checkpoint_every=4, log_every=1)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def held_out_kd(student) -> float:
+    """KD loss of `student` against the teacher on tokens no worker trained on."""
+    ids = next(random_tokens(0, 1, 0, seed=99))["input_ids"]
+    with torch.no_grad():
+        return kd_loss(student.eval()(ids).logits, teacher_factory()(ids).logits).item()
+
+
+@ray.remote(num_cpus=0.5)
+def remote_teacher_outputs(ids):
+    """What a worker receives from a teacher actor started beside it."""
+    teacher = start_teacher(teacher_factory, "actor", torch.device("cpu"), num_cpus=0.5)
+    return teacher.hidden_states(ids), teacher.logits(ids), teacher.logits(ids, top_k=5, temperature=2.0)
+
+
+@pytest.mark.slow
+def test_teacher_actor_matches_local_teacher():
+    ids = next(random_tokens(0, 1, 0, seed=7))["input_ids"]
+    hidden, logits, top = ray.get(remote_teacher_outputs.remote(ids))
+    local = LocalTeacher(teacher_factory)
+    model = local.model
+    with torch.no_grad():
+        hf = model(ids, output_hidden_states=True)
+    assert len(hidden) == model.config.num_hidden_layers + 1
+    for got, want in zip(hidden[:-1], hf.hidden_states[:-1]):  # the input of each decoder layer
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(model.model.norm(hidden[-1]), hf.hidden_states[-1])  # last: before the norm
+    torch.testing.assert_close(logits, hf.logits)
+    local_top = local.logits(ids, top_k=5, temperature=2.0)
+    assert isinstance(top, TopKLogprobs) and top.temperature == 2.0
+    torch.testing.assert_close(top.logprobs, local_top.logprobs)
+    assert torch.equal(top.indices, local_top.indices)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_student_learns_teacher(tmp_path, zero_stage):
+    cfg = config(zero_stage=zero_stage)
+    out = distill(cfg, student_factory, teacher_factory, kd_objective(), random_tokens, str(tmp_path), "kd")
+    assert [m["step"] for m in out.history] == list(range(1, cfg.total_steps + 1))
+    assert out.history[-1]["tokens"] == cfg.total_steps * cfg.tokens_per_step
+    student = student_factory()
+    before = held_out_kd(student)
+    student.load_state_dict(out.student_state_dict())
+    after = held_out_kd(student)
+    print(f"ZeRO-{zero_stage}: held-out KD {before:.3f} -> {after:.3f}; "
+          f"train loss {out.history[0]['loss']:.3f} -> {out.history[-1]['loss']:.3f}")
+    assert after < 0.85 * before
+
+
+@pytest.mark.slow
+def test_inprocess_teacher_with_top_k(tmp_path):
+    cfg = config(teacher_mode="inprocess", total_steps=6, checkpoint_every=6, log_every=2)
+    out = distill(cfg, student_factory, teacher_factory, kd_objective(top_k=8), random_tokens, str(tmp_path), "kd")
+    losses = [m["loss"] for m in out.history]
+    print(losses)
+    assert [m["step"] for m in out.history] == [2, 4, 6]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint(tmp_path, monkeypatch):
+    cfg = config(total_steps=8, checkpoint_every=3)
+    monkeypatch.setenv(FAULT_STEP_ENV, "5")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-fired"))
+    out = distill(cfg, student_factory, teacher_factory, kd_objective(), random_tokens, str(tmp_path), "kd")
+    runs = {}
+    for m in out.history:
+        runs.setdefault(m["resumed_from"], []).append(m["step"])
+    print(runs)
+    assert (tmp_path / "fault-fired").exists()
+    assert runs.keys() == {0, 3}  # one restart, from the checkpoint at step 3
+    # Step 4 ran before the fault; its report may or may not have got out before the worker died.
+    assert runs[0] in ([1, 2, 3], [1, 2, 3, 4])
+    assert runs[3] == [4, 5, 6, 7, 8]
+    assert out.history[-1]["tokens"] == cfg.total_steps * cfg.tokens_per_step
+    assert out.result.metrics["step"] == cfg.total_steps
+
+    again = distill(cfg, student_factory, teacher_factory, kd_objective(), random_tokens, str(tmp_path), "kd")
+    assert again.history == []  # a rerun of a finished run resumes at its end and trains no more
+    assert again.student_state_dict().keys() == out.student_state_dict().keys()
+
+
+@ray.remote(num_gpus=1, num_cpus=0.5)
+def gpu_teacher_check(ids):
+    """In a GPU task: an actor teacher beside it, its outputs against the same teacher in-process."""
+    device = torch.device("cuda:0")
+    remote = start_teacher(teacher_factory, "actor", device, num_cpus=0.5)
+    local = LocalTeacher(teacher_factory, device)
+    shipped = ray.get(remote.actor.logits.remote(ids))
+    got, want = remote.logits(ids), local.logits(ids)
+    hidden = remote.hidden_states(ids)
+    return {
+        "shipped_as": type(shipped).__name__,
+        "device": str(got.device),
+        "max_diff": (got - want).abs().max().item(),
+        "hidden_diff": max((a - b).abs().max().item() for a, b in zip(hidden, local.hidden_states(ids))),
+    }
+
+
+@pytest.mark.gpu
+def test_gpu_teacher_actor_shares_its_gpu_through_ipc():
+    ids = next(random_tokens(0, 1, 0, seed=7))["input_ids"]
+    out = ray.get(gpu_teacher_check.remote(ids))
+    print(out)
+    assert out["shipped_as"] == "_CudaHandle"  # a CUDA IPC handle, not tensor bytes through the object store
+    assert out["device"] == "cuda:0"
+    assert out["max_diff"] < 1e-5 and out["hidden_diff"] < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_gpu_bf16_student_learns_teacher(tmp_path, zero_stage):
+    cfg = config(use_gpu=True, bf16=True, workers=min(2, torch.cuda.device_count()), zero_stage=zero_stage)
+    out = distill(cfg, student_factory, teacher_factory, kd_objective(), random_tokens, str(tmp_path), "kd")
+    assert [m["step"] for m in out.history] == list(range(1, cfg.total_steps + 1))
+    state = out.student_state_dict()
+    assert all(v.dtype == torch.float32 for v in state.values())
+    student = student_factory()
+    before = held_out_kd(student)
+    student.load_state_dict(state)
+    after = held_out_kd(student)
+    print(f"GPU ZeRO-{zero_stage}: held-out KD {before:.3f} -> {after:.3f}")
+    assert after < 0.85 * before
