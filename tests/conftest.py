@@ -43,3 +43,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def init_ray(attempts: int = 3, **kwargs):
+    """ray.init with retries: Ray waits a fixed 30 s for the raylet to register, which a loaded
+    2-core machine can exceed; a second start normally succeeds."""
+    import ray
+
+    kwargs.setdefault("include_dashboard", False)
+    for attempt in range(attempts):
+        try:
+            return ray.init(**kwargs)
+        except Exception as e:  # Ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+            ray.shutdown()

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 import ray
+
+from tests.conftest import init_ray
 import ray.cloudpickle
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -49,7 +51,7 @@ def random_tokens(rank: int, world: int, start: int, seed: int = 0):
 def ray_cluster():
     # Ray Train takes one report per controller poll; poll often so per-step reports do not stall.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
-    ray.init(num_cpus=4, include_dashboard=False)
+    init_ray(num_cpus=4)
     yield
     ray.shutdown()
     del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]

@@ -6,6 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
+
+from tests.conftest import init_ray
 import requests
 import torch
 from ray import serve
@@ -22,7 +24,7 @@ MODEL = "tiny-llama"
 def url(tiny_model_dir, free_port):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)
-        ray.init(num_cpus=4, include_dashboard=False)
+        init_ray(num_cpus=4)
         try:
             yield run_server(tiny_model_dir, port=free_port(), api_key_env=KEY_ENV, max_batch_size=8)
         finally:

@@ -7,6 +7,8 @@ import datasets
 import huggingface_hub.constants
 import pytest
 import ray
+
+from tests.conftest import init_ray
 import torch
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False)
+    init_ray(num_cpus=4)
     yield
     serve.shutdown()
     ray.shutdown()
