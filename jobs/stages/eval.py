@@ -1,0 +1,26 @@
+"""Stage eval: lm-eval through the Serve endpoint (serve.eval.run_eval) on the exported hybrid, and on
+the teacher with eval.compare_teacher. Output: eval/eval.json and eval/eval.md; info: the table rows."""
+from __future__ import annotations
+
+import socket
+
+from jobs.spec import JobSpec
+from jobs.stages.common import Context
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(spec: JobSpec, ctx: Context) -> dict:
+    from serve.eval import run_eval  # here: lm-eval and Serve are heavy imports the other stages do not need
+
+    ev = spec.eval
+    out = ctx.scratch / "eval"
+    report = run_eval(ctx.model_dir("export"), ev.tasks, out, teacher_dir=ctx.teacher_dir if ev.compare_teacher else None,
+                      limit=ev.limit, port=_free_port())
+    if not ctx.local_storage:
+        ctx.storage.upload_dir(out, "eval")
+    return {"tokens": 0, "rows": report["rows"]}
