@@ -38,6 +38,9 @@ def preflight(spec: JobSpec) -> tuple[str, int]:
     from zebra.teacher import teacher_folder
 
     dpo.check(spec)
+    if spec.kd.kl_weight != 1.0:  # kd_loss mixes (1 - ce_weight) * KL + ce_weight * CE; no separate KL weight
+        raise SpecError(f"job spec {spec.source}: kd.kl_weight: {spec.kd.kl_weight} is not supported; "
+                        "only 1.0 (set the KL/CE mix with kd.ce_weight)")
     teacher_dir = teacher_folder(spec.teacher.source)
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     mla_config = student_config(spec, teacher_config, "mla")

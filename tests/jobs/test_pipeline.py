@@ -114,6 +114,7 @@ def write_spec(path: Path, data: dict) -> str:
     (lambda d: d["teacher"].update(source="/nonexistent/teacher"), "teacher.source"),
     (lambda d: d["student"].update(num_mla_layers=None, kv_budget=0.001), "student.kv_budget"),
     (lambda d: d["dpo"].update(enabled=True), "dpo.enabled"),
+    (lambda d: d["kd"].update(kl_weight=0.5), "kd.kl_weight"),
 ])
 def test_bad_spec_fails_before_any_work(teacher_dir, data_file, tmp_path, capsys, change, message):
     data = spec_dict(teacher_dir, data_file, tmp_path / "run")
