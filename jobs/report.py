@@ -26,9 +26,16 @@ def write_report(name: str, infos: dict[str, dict], out_dir: Path) -> Path:
 
 
 def _stages(infos: dict) -> str:
-    rows = ["## Stages\n", "| stage | wall time (s) | tokens |", "|---|---:|---:|"]
-    rows += [f"| {s} | {i['wall_s']:.1f} | {i['tokens']:,} |" for s, i in infos.items() if "wall_s" in i]
+    rows = ["## Stages\n", "| stage | wall time (s) | tokens | restarts |", "|---|---:|---:|---|"]
+    rows += [f"| {s} | {i['wall_s']:.1f} | {i['tokens']:,} | {_restarts(i.get('history', []))} |"
+             for s, i in infos.items() if "wall_s" in i]
     return "\n".join(rows) + "\n"
+
+
+def _restarts(history: list[dict]) -> str:
+    """The checkpoint steps a training stage's worker groups restarted from ("none" without a restart)."""
+    starts = sorted({h["resumed_from"] for h in history if h.get("resumed_from")})
+    return ", ".join(f"from step {s}" for s in starts) or "none"
 
 
 def _kv(infos: dict) -> str:

@@ -8,11 +8,15 @@ of the data. Every `checkpoint_every` steps, and at the end, all ranks write a D
 checkpoint into one Ray Train checkpoint; a restarted worker group (FailureConfig) or a rerun of
 the same run_name loads the latest and continues at its step and data position. The final
 checkpoint also holds the student's full float32 state_dict (STUDENT_STATE_FILE).
+
+A checkpoint counts once Ray Train's controller has committed it (its next poll of the workers,
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a worker lost inside that window restarts from the one before.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -241,7 +245,7 @@ def _train_loop(config: dict) -> None:
     batches = iter(config["data_factory"](rank, world, done * cfg.grad_accum))
     window = _Window()
     for step in range(done + 1, cfg.total_steps + 1):
-        _maybe_fault(step, rank, world)
+        _maybe_fault(step, rank, world, cfg.checkpoint_every)
         start = time.perf_counter()
         loss = _optimizer_step(engine, teacher, config["objective"], batches, cfg, device)
         window.add(loss, time.perf_counter() - start)
@@ -399,8 +403,14 @@ def _full_param(param: nn.Parameter) -> Tensor:
         return param.detach().clone()
 
 
-def _maybe_fault(step: int, rank: int, world: int) -> None:
-    """Test hook: with ZEBRA_FAULT_AT_STEP=step, the last rank dies here once per marker file."""
+def _maybe_fault(step: int, rank: int, world: int, checkpoint_every: int) -> None:
+    """Test hook: with ZEBRA_FAULT_AT_STEP=step, the last rank dies here once per marker file.
+
+    It first waits until Ray Train has committed the newest checkpoint before `step`, so that the
+    test sees the documented contract (a restart resumes from the last committed checkpoint)
+    rather than the window of one controller poll in which a just-reported checkpoint is not yet
+    committed and a crash falls back to the one before.
+    """
     if os.environ.get(FAULT_STEP_ENV) != str(step) or rank != world - 1:
         return
     marker = os.environ.get(FAULT_MARKER_ENV)
@@ -410,5 +420,23 @@ def _maybe_fault(step: int, rank: int, world: int) -> None:
         Path(marker).touch(exist_ok=False)
     except FileExistsError:
         return
-    log.warning("fault injection: rank %d exits at step %d", rank, step)
+    expected = (step - 1) // checkpoint_every * checkpoint_every
+    deadline = time.monotonic() + 60.0
+    while expected and committed_step() < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log.warning("fault injection: rank %d exits at step %d (committed checkpoint: step %d)", rank, step,
+                committed_step())
     os._exit(1)
+
+
+def committed_step() -> int:
+    """In a worker: the step of the newest checkpoint Ray Train has committed for this run (0: none),
+    read from the checkpoint manager's snapshot in the run's storage."""
+    storage = ray.train.get_context().get_storage()
+    path = f"{storage.experiment_fs_path}/checkpoint_manager_snapshot.json"
+    try:
+        with storage.storage_filesystem.open_input_stream(path) as f:
+            latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, OSError, ValueError):
+        return 0
+    return int(latest.get("metrics", {}).get("step", 0))

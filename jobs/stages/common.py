@@ -134,8 +134,9 @@ def train_config(spec: JobSpec, section: TrainSettings) -> TrainConfig:
 
 
 def curve(history: list[dict]) -> list[dict]:
-    """The loss curve of a distill history: [{"step", "loss", "tokens"}]."""
-    return [{k: h[k] for k in ("step", "loss", "tokens")} for h in history]
+    """The loss curve of a distill history: [{"step", "loss", "tokens", "resumed_from"}] (resumed_from:
+    the checkpoint step the reporting worker group started from; it changes where a restart happened)."""
+    return [{k: h[k] for k in ("step", "loss", "tokens", "resumed_from")} for h in history]
 
 
 @torch.no_grad()
