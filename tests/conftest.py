@@ -47,9 +47,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def init_ray(attempts: int = 3, **kwargs):
     """ray.init with retries: Ray waits a fixed 30 s for the raylet to register, which a loaded
-    2-core machine can exceed; a second start normally succeeds."""
+    2-core machine can exceed; a second start normally succeeds. A no-op when Ray is up."""
     import ray
 
+    if ray.is_initialized():
+        return None
     kwargs.setdefault("include_dashboard", False)
     for attempt in range(attempts):
         try:
@@ -58,3 +60,19 @@ def init_ray(attempts: int = 3, **kwargs):
             if "timed out during startup" not in str(e) or attempt == attempts - 1:
                 raise
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray (4 logical CPUs) for every test that needs it: a start costs 10-30 s here.
+
+    Ray Train takes one metrics report per controller poll; the fast poll keeps per-step reports
+    of small runs from stalling (set before the cluster starts: its processes inherit it).
+    """
+    import ray
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
+    init_ray(num_cpus=4)
+    yield
+    ray.shutdown()
+    os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)

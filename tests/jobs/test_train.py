@@ -1,12 +1,10 @@
 """Ray Train + DeepSpeed distillation on CPU: two workers, tiny random Llamas as teacher and student."""
 import functools
-import os
 import sys
 
 import pytest
 import ray
 
-from tests.conftest import init_ray
 import ray.cloudpickle
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,13 +46,8 @@ def random_tokens(rank: int, world: int, start: int, seed: int = 0):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    # Ray Train takes one report per controller poll; poll often so per-step reports do not stall.
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
-    init_ray(num_cpus=4)
+def ray_cluster(ray_session):
     yield
-    ray.shutdown()
-    del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
 
 
 def config(**overrides) -> TrainConfig:

@@ -5,9 +5,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import ray
 
-from tests.conftest import init_ray
 import requests
 import torch
 from ray import serve
@@ -21,15 +19,13 @@ MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model_dir, free_port):
+def url(ray_session, tiny_model_dir, free_port):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)
-        init_ray(num_cpus=4)
         try:
             yield run_server(tiny_model_dir, port=free_port(), api_key_env=KEY_ENV, max_batch_size=8)
         finally:
             serve.shutdown()
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
-from tests.conftest import init_ray
 import requests
 import yaml
 from ray import serve
@@ -46,8 +44,7 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 
 
 @pytest.mark.slow
-def test_scales_up_under_load_then_down(tiny_model_dir, free_port):
-    init_ray(num_cpus=4)
+def test_scales_up_under_load_then_down(ray_session, tiny_model_dir, free_port):
     try:
         scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                    "downscale_delay_s": 2.0, "metrics_interval_s": 0.5, "look_back_period_s": 1.0}
@@ -75,4 +72,3 @@ def test_scales_up_under_load_then_down(tiny_model_dir, free_port):
         assert statuses and set(statuses) == {200}
     finally:
         serve.shutdown()
-        ray.shutdown()

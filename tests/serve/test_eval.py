@@ -6,9 +6,7 @@ import json
 import datasets
 import huggingface_hub.constants
 import pytest
-import ray
 
-from tests.conftest import init_ray
 import torch
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,11 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    init_ray(num_cpus=4)
+def ray_cluster(ray_session):
     yield
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture
