@@ -7,6 +7,7 @@ student.mla_layers the scores are only reported. Info: scores, kl_all_mamba, mla
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -14,7 +15,8 @@ import ray
 import torch
 
 from jobs.spec import JobSpec
-from jobs.stages.common import Context, compose_hybrid, held_out_kl, load_teacher_model, sequences, teacher_logits
+from jobs.stages.common import Context, held_out_kl, load_student, load_teacher_model, sequences, teacher_logits
+from zebra import ZebraForCausalLM
 from zebra.smart import select_mla_layers, sensitivity_from_kl
 
 log = logging.getLogger(__name__)
@@ -22,9 +24,32 @@ log = logging.getLogger(__name__)
 
 def _kl_of_choices(mla_dir: str, mamba_dir: str, choices: list[list[int]], logits: torch.Tensor,
                    ids: torch.Tensor) -> list[float]:
-    """Held-out KL of the hybrid for each choice of MLA layers."""
+    """Held-out KL of the hybrid for each choice of MLA layers (each student is loaded once per task)."""
     torch.set_num_threads(1)  # one core per task: the tasks run side by side
-    return [held_out_kl(compose_hybrid(mla_dir, mamba_dir, c), logits, ids) for c in choices]
+    mla, mamba = load_student(mla_dir), load_student(mamba_dir)
+    kls = []
+    for choice in choices:
+        with mla_layers_swapped_in(mamba, mla, choice) as hybrid:
+            kls.append(held_out_kl(hybrid, logits, ids))
+    return kls
+
+
+@contextlib.contextmanager
+def mla_layers_swapped_in(mamba: ZebraForCausalLM, mla: ZebraForCausalLM, layers: list[int]):
+    """The Mamba2 student with the MLA student's decoder layers at `layers`, in place and undone on
+    exit: the same hybrid as compose_hybrid (norms and MLPs are the teacher's in both students),
+    without loading or copying a model per choice."""
+    saved = {i: mamba.model.layers[i] for i in layers}
+    types = list(mamba.config.mixer_types)
+    try:
+        for i in layers:
+            mamba.model.layers[i] = mla.model.layers[i]
+            mamba.config.mixer_types[i] = "mla"
+        yield mamba
+    finally:
+        for i, layer in saved.items():
+            mamba.model.layers[i] = layer
+        mamba.config.mixer_types = types
 
 
 def score_layers(spec: JobSpec, ctx: Context, num_layers: int) -> tuple[float, list[float]]:

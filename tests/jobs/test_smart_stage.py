@@ -1,0 +1,45 @@
+"""SMART's per-choice hybrids: swapping MLA layers into the loaded Mamba2 student in place must give
+what composing each hybrid from the saved students (compose_hybrid) gives, and must leave the
+Mamba2 student as it was."""
+import torch
+
+from jobs.stages.common import compose_hybrid, held_out_kl, load_student, teacher_logits
+from jobs.stages.smart import _kl_of_choices, mla_layers_swapped_in
+from tests.conftest import tiny_llama
+from zebra.convert import convert, hybrid_config
+
+CHOICES = [[], [0], [2], [1, 3]]
+
+
+def saved_students(tmp_path, teacher):
+    dirs = {}
+    for kind, layers in (("mla", [0, 1, 2, 3]), ("mamba", [])):
+        student = convert(teacher, hybrid_config(teacher.config, layers, kv_rank=8, qk_rope_dim=4, chunk_size=4))
+        with torch.no_grad():  # students that differ from a plain conversion, as after ILD
+            for p in student.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        dirs[kind] = tmp_path / kind
+        student.save_pretrained(dirs[kind])
+    return str(dirs["mla"]), str(dirs["mamba"])
+
+
+def test_swapped_layers_score_like_composed_hybrids(tmp_path):
+    teacher = tiny_llama(dtype=torch.float32, seed=0)
+    mla_dir, mamba_dir = saved_students(tmp_path, teacher)
+    ids = torch.randint(0, teacher.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    logits = teacher_logits(teacher, ids)
+    got = _kl_of_choices(mla_dir, mamba_dir, CHOICES, logits, ids)
+    want = [held_out_kl(compose_hybrid(mla_dir, mamba_dir, c), logits, ids) for c in CHOICES]
+    assert len(set(round(k, 6) for k in want)) == len(want)  # the choices really differ
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=0)
+
+
+def test_swap_is_undone(tmp_path):
+    teacher = tiny_llama(dtype=torch.float32, seed=0)
+    mla_dir, mamba_dir = saved_students(tmp_path, teacher)
+    mla, mamba = load_student(mla_dir), load_student(mamba_dir)
+    layers, types = list(mamba.model.layers), list(mamba.config.mixer_types)
+    with mla_layers_swapped_in(mamba, mla, [1, 3]) as hybrid:
+        assert hybrid.config.mixer_types == ["mamba", "mla", "mamba", "mla"]
+        assert hybrid.model.layers[3] is mla.model.layers[3]
+    assert list(mamba.model.layers) == layers and mamba.config.mixer_types == types
