@@ -26,10 +26,25 @@ def write_report(name: str, infos: dict[str, dict], out_dir: Path) -> Path:
 
 
 def _stages(infos: dict) -> str:
-    rows = ["## Stages\n", "| stage | wall time (s) | tokens | restarts |", "|---|---:|---:|---|"]
-    rows += [f"| {s} | {i['wall_s']:.1f} | {i['tokens']:,} | {_restarts(i.get('history', []))} |"
-             for s, i in infos.items() if "wall_s" in i]
+    rows = ["## Stages\n", "| stage | wall time (s) | tokens | training tokens/s | peak GPU GiB | restarts |",
+            "|---|---:|---:|---:|---:|---|"]
+    for s, i in infos.items():
+        if "wall_s" in i:
+            history = i.get("history", [])
+            rows.append(f"| {s} | {i['wall_s']:.1f} | {i['tokens']:,} | {_speed(history)} | "
+                        f"{_peak(history)} | {_restarts(history)} |")
     return "\n".join(rows) + "\n"
+
+
+def _speed(history: list[dict]) -> str:
+    """Median training tokens/s over a stage's reports after the first (which pays for start-up)."""
+    speeds = sorted(h["tokens_per_s"] for h in history[1:] if "tokens_per_s" in h)
+    return f"{speeds[len(speeds) // 2]:,.0f}" if speeds else "-"
+
+
+def _peak(history: list[dict]) -> str:
+    peaks = [h["peak_gpu_gib"] for h in history if "peak_gpu_gib" in h]
+    return f"{max(peaks):.2f}" if peaks else "-"
 
 
 def _restarts(history: list[dict]) -> str:

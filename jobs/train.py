@@ -281,6 +281,8 @@ class _Window:
             "tokens_per_s": n * cfg.tokens_per_step / self.seconds, "step_s": self.seconds / n,
             "resumed_from": resumed_from,
         }
+        if cfg.use_gpu:  # this worker's peak allocated GPU memory so far (the teacher's too when in-process)
+            metrics["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.losses, self.seconds = [], 0.0
         return metrics
 

@@ -134,9 +134,11 @@ def train_config(spec: JobSpec, section: TrainSettings) -> TrainConfig:
 
 
 def curve(history: list[dict]) -> list[dict]:
-    """The loss curve of a distill history: [{"step", "loss", "tokens", "resumed_from"}] (resumed_from:
+    """The loss curve of a distill history: [{"step", "loss", "tokens", "resumed_from", "tokens_per_s",
+    "step_s", and on GPU "peak_gpu_gib"}] (resumed_from:
     the checkpoint step the reporting worker group started from; it changes where a restart happened)."""
-    return [{k: h[k] for k in ("step", "loss", "tokens", "resumed_from")} for h in history]
+    keys = ("step", "loss", "tokens", "resumed_from", "tokens_per_s", "step_s", "peak_gpu_gib")
+    return [{k: h[k] for k in keys if k in h} for h in history]
 
 
 @torch.no_grad()
