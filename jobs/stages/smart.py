@@ -26,7 +26,11 @@ def _kl_of_choices(mla_dir: str, mamba_dir: str, choices: list[list[int]], logit
                    ids: torch.Tensor) -> list[float]:
     """Held-out KL of the hybrid for each choice of MLA layers (each student is loaded once per task)."""
     torch.set_num_threads(1)  # one core per task: the tasks run side by side
-    mla, mamba = load_student(mla_dir), load_student(mamba_dir)
+    # A task given GPUs (smart.gpus_per_task) scores on its GPU: on one CPU thread a 135M model
+    # takes minutes per choice (seen on an H100 host, where this ran on the CPU before).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs from a task without any
+    mla, mamba = load_student(mla_dir).to(device), load_student(mamba_dir).to(device)
+    logits, ids = logits.to(device), ids.to(device)
     kls = []
     for choice in choices:
         with mla_layers_swapped_in(mamba, mla, choice) as hybrid:
