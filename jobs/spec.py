@@ -214,8 +214,11 @@ class DpoSpec(TrainSettings):
     lr: PosFloat = 5e-7
     warmup_frac: Annotated[float, Field(ge=0, lt=1)] = 0.1
     beta: PosFloat = 0.01  # the official DPO config
-    dataset: str = "HuggingFaceH4/ultrafeedback_binarized"  # hub id or local file/folder of preference pairs
-    dataset_split: str = "train_prefs"
+    # hub id or local .jsonl/.json/.parquet file or folder of pairs: prompt/chosen/rejected (text or chat
+    # messages), or chosen/rejected chats whose common first turns are the prompt (ultrafeedback's layout)
+    dataset: str = "HuggingFaceH4/ultrafeedback_binarized"
+    dataset_split: str = "train_prefs"  # a hub dataset's split (local files: only a name)
+    held_out_pairs: PosInt = 64  # the dataset's last pairs: preference accuracy before and after, not trained on
 
     @field_validator("dataset")
     @classmethod
@@ -236,16 +239,30 @@ class EvalSpec(Section):
 
 
 class TuneSpec(Section):
-    """Ray Tune search space (candidate values) and budgets; read by tune/, not a pipeline stage."""
+    """Ray Tune search (tune/, `zebra tune SPEC`): candidate values, budgets, the per-trial KD; not a
+    pipeline stage. A trial is one choice of the four candidate lists; one that exceeds kv_budget
+    is never launched. Each trial distils for `steps` optimizer steps of micro_batch x seq_len
+    tokens and reports held-out KL every eval_every steps; ASHA may stop it after grace_period reports.
+    """
 
     kv_rank: list[PosInt] = Field(default_factory=lambda: [64, 128, 256], min_length=1)
-    q_rank: list[PosInt | None] = Field(default_factory=lambda: [None], min_length=1)
+    q_rank: list[PosInt | None] = Field(default_factory=lambda: [None], min_length=1)  # None: full rank
     qk_rope_dim: list[PosInt] = Field(default_factory=lambda: [32], min_length=1)
     num_mla_layers: list[PosInt] = Field(default_factory=lambda: [2, 3, 4], min_length=1)
-    num_samples: PosInt = 8
-    kv_budget: PosFloat | None = None  # same units as student.kv_budget; trials above it are rejected
-    memory_budget_gb: PosFloat | None = None
+    num_samples: PosInt = 8  # trials; a space of at most this many valid choices is searched whole
+    kv_budget: PosFloat | None = None  # same units as student.kv_budget; None: no KV limit
+    memory_budget_gb: PosFloat | None = None  # per trial: Ray's "memory" resource, and a CUDA cap on GPU
     search_alg: Literal["optuna", "hyperopt", "random"] = "optuna"
+    steps: PosInt = 60  # KD optimizer steps per trial
+    micro_batch: PosInt = 4
+    seq_len: PosInt = 256
+    lr: PosFloat | None = None  # None: kd.lr (AdamW, constant)
+    eval_every: PosInt = 10  # steps between reports (held-out KL and perplexity, a checkpoint)
+    grace_period: PosInt = 1  # reports before ASHA may stop a trial
+    reduction_factor: Annotated[int, Field(ge=2)] = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    cpus_per_trial: PosFloat = 1
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 0  # a fraction shares a GPU: 0.125 puts 8 trials on one
+    max_concurrent_trials: PosInt | None = None  # None: as many as the resources allow
 
     @field_validator("qk_rope_dim")
     @classmethod
@@ -254,6 +271,29 @@ class TuneSpec(Section):
         if odd:
             raise ValueError(f"candidates must be even, {odd} are not")
         return v
+
+    @field_validator("kv_rank", "q_rank", "qk_rope_dim", "num_mla_layers")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError("candidates must be distinct")
+        return v
+
+    @field_validator("kv_budget")
+    @classmethod
+    def _budget_shape(cls, v: float | None) -> float | None:
+        return StudentSpec._budget_shape(v)
+
+    @model_validator(mode="after")
+    def _reports_fit(self) -> TuneSpec:
+        if self.eval_every > self.steps:
+            raise ValueError(f"eval_every {self.eval_every} exceeds steps {self.steps}: a trial would never report")
+        if self.grace_period * self.eval_every > self.steps:
+            raise ValueError(f"grace_period {self.grace_period} reports x eval_every {self.eval_every} exceeds "
+                             f"steps {self.steps}: ASHA could never stop a trial")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ValueError(f"gpus_per_trial {self.gpus_per_trial}: above 1 it must be whole")
+        return self
 
 
 # ---- the spec --------------------------------------------------------------------------------

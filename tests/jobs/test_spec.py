@@ -179,3 +179,25 @@ def test_section_hash_ignores_what_does_not_change_outputs():
 
 def test_jobspec_model_validate_is_the_schema():
     assert JobSpec.model_validate({"kd": {"lr": 1e-3}}).kd.lr == 1e-3
+
+
+def test_tune_defaults_and_trial_settings():
+    tune = load_spec({"tune": {}}).tune
+    assert (tune.steps, tune.eval_every, tune.grace_period, tune.reduction_factor) == (60, 10, 1, 2)
+    assert (tune.cpus_per_trial, tune.gpus_per_trial, tune.max_concurrent_trials, tune.lr) == (1, 0, None, None)
+    shared = load_spec({"tune": {"gpus_per_trial": 0.125, "memory_budget_gb": 9, "kv_budget": 1152}}).tune
+    assert shared.gpus_per_trial == 0.125 and shared.kv_budget == 1152
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"kv_budget": 1.5}, "tune.kv_budget: above 1 it is bytes per token"),
+    ({"eval_every": 70}, "eval_every 70 exceeds steps 60"),
+    ({"steps": 20, "eval_every": 10, "grace_period": 3}, "ASHA could never stop a trial"),
+    ({"kv_rank": [64, 64]}, "tune.kv_rank: candidates must be distinct"),
+    ({"gpus_per_trial": 1.5}, "gpus_per_trial 1.5: above 1 it must be whole"),
+    ({"gpus_per_trial": -1}, "tune.gpus_per_trial"),
+    ({"reduction_factor": 1}, "tune.reduction_factor"),
+    ({"qk_rope_dim": [16, 33]}, "tune.qk_rope_dim: candidates must be even, [33]"),
+])
+def test_tune_settings_checked(tune, message):
+    assert message in error_of({"tune": tune})
