@@ -48,6 +48,7 @@ def pareto_table(rows: list[dict], summary: dict) -> str:
         (f"- trials: {len(rows)} ({sum(r['stopped_early'] for r in rows)} stopped early by ASHA, "
          f"{sum(r['status'] != 'ok' for r in rows)} failed); each trial: {summary['steps']} KD steps"),
         f"- best (lowest held-out KL): {best['key'] if best else 'none'}",
+        *_timing(summary),
         "",
         "## Pareto front: KV cache against held-out KL (no trial is better on both)",
         "",
@@ -56,6 +57,14 @@ def pareto_table(rows: list[dict], summary: dict) -> str:
     ]
     lines += [_table_row(r) for r in front]
     return "\n".join(lines) + "\n"
+
+
+def _timing(summary: dict) -> list[str]:
+    if summary.get("search_s") is None:
+        return []
+    rate = summary.get("trials_per_hour")
+    return [f"- wall time: shared init/ILD/SMART {summary['shared_s']:.0f} s, trials {summary['search_s']:.0f} s"
+            + (f" ({rate:.0f} trials/hour)" if rate else "")]
 
 
 def _table_row(r: dict) -> str:

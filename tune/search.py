@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import sys
+import time
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -71,12 +72,15 @@ def run_search(spec: JobSpec) -> Outcome:
                  ", ".join(a.key for a in space.rejected))
     memory = check_memory(spec, teacher_config, space.arms)
     log.info("Ray: %s", connect(spec.cluster.address, spec.cluster.num_cpus))
+    started = time.perf_counter()
     shared = {shape.qk_rope_dim: _run_shared(_shared_spec(spec, shape), teacher_dir, shape.num_mla)
               for shape in shared_students(space.arms)}
     ctx = make_context(spec, teacher_dir, 0)
     train, held = sequences(spec, ctx, spec.tune.seq_len)
     plan = _plan(spec, teacher_dir, shared, space, train, held, memory)
+    searching = time.perf_counter()
     results, filesystem = _fit(spec, ctx, space, plan)
+    timing = {"shared_s": searching - started, "search_s": time.perf_counter() - searching}
     rows = [_row(r, space, spec.tune.steps) for r in results]
     finished = _finished_trials(results.experiment_path, filesystem)
     expected = min(spec.tune.num_samples, len(space.arms))
@@ -84,7 +88,7 @@ def run_search(spec: JobSpec) -> Outcome:
         log.warning("tune: interrupted with %d of %d trials finished; run the same command again to resume",
                     finished, expected)
         return Outcome(rows, {}, "", interrupted=True)
-    return _write_outputs(spec, ctx, space, rows)
+    return _write_outputs(spec, ctx, space, rows, timing)
 
 
 def _finished_trials(experiment_path: str, filesystem) -> int:
@@ -221,19 +225,24 @@ def _row(result, space, steps: int) -> dict:
     return {
         "trial_id": m.get("trial_id", os.path.basename(result.path)), **arm.fields(),
         "mla_layers": m.get("mla_layers", ""), "kl": m.get("kl"), "ppl": m.get("ppl"), "step": m.get("step", 0),
+        "peak_gpu_gib": m.get("peak_gpu_gib"),
         "stopped_early": result.error is None and m.get("step", 0) < steps,
         "status": "ok" if result.error is None else f"error: {type(result.error).__name__}",
     }
 
 
-def _write_outputs(spec: JobSpec, ctx, space, rows: list[dict]) -> Outcome:
+def _write_outputs(spec: JobSpec, ctx, space, rows: list[dict], timing: dict) -> Outcome:
+    """trials.json, pareto.md, pareto.png and best.yaml in <storage>/tune. timing: this invocation's
+    seconds in the shared stages (shared_s, ~0 when cached) and in Ray Tune (search_s; after a
+    restore only the resumed part)."""
     t = spec.tune
     rows.sort(key=lambda r: (r["kv_bytes_per_token"], r["key"], r["trial_id"]))
     budget = "none" if space.budget_bytes is None else (
         f"tune.kv_budget {t.kv_budget} = {space.budget_bytes:.6g} bytes/token "
         f"({space.budget_bytes / space.teacher_kv_bytes:.2%} of the teacher's {space.teacher_kv_bytes})")
     summary = {"name": spec.name, "budget": budget, "configurations": len(space.arms) + len(space.rejected),
-               "rejected": len(space.rejected), "steps": t.steps}
+               "rejected": len(space.rejected), "steps": t.steps, **timing,
+               "trials_per_hour": len(rows) * 3600 / timing["search_s"] if timing["search_s"] > 0 else None}
     best = best_row(rows)
     report = {
         **summary, "budget_bytes_per_token": space.budget_bytes, "teacher_kv_bytes_per_token": space.teacher_kv_bytes,

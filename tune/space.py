@@ -25,6 +25,7 @@ from zebra.mla import MLAttention
 from zebra.modeling import ZebraForCausalLM
 
 FP32 = 4  # bytes: trials train in float32 (bf16 autocast on GPU keeps float32 weights and states)
+LOGIT_COPIES = 8  # float32-sized copies of a micro-batch's tokens x vocab alive at a step's peak (4 was 1.3 GiB short)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,16 +136,19 @@ def trial_memory_bytes(spec: JobSpec, teacher_config, arms: list[Arm]) -> dict[s
     """Per arm key, a rough upper estimate of one trial's peak memory while it trains, in bytes.
 
     float32 hybrid weights, gradients and two AdamW moments (4 x its parameters), the teacher's
-    weights, the logits of a micro-batch (student logits, their log-softmax and gradient, teacher
-    logits: 4 x tokens x vocab) and the activations kept for backward (about 16 x hidden +
-    4 x intermediate values per token and layer). Composing the hybrid briefly holds the two pure
-    students and the hybrid instead, which is less than the training states.
+    weights, the logits of a micro-batch (under bf16 autocast: the teacher's bf16 logits, their
+    float32 copy and log-softmax; the student's bf16 logits, float32 copy and log-softmax; the KL
+    terms; the gradients: LOGIT_COPIES float32 copies of tokens x vocab) and the activations kept
+    for backward (about 16 x hidden + 4 x intermediate values per token and layer). The held-out
+    teacher logits stay in host memory (jobs.stages.common.teacher_logits). Composing the hybrid
+    briefly holds the two pure students and the hybrid instead, less than the training states.
+    Measured on an H100 (notes/GPU.md, SmolLM2, 4 x 512 tokens): peak 9.00 GiB allocated, estimate 9.18.
     """
     from transformers import AutoModelForCausalLM
 
     c, tokens = teacher_config, spec.tune.micro_batch * spec.tune.seq_len
     base = hybrid_config(c, [], 1, 2)
-    logits = 4 * tokens * c.vocab_size
+    logits = LOGIT_COPIES * tokens * c.vocab_size
     activations = tokens * c.num_hidden_layers * (16 * c.hidden_size + 4 * c.intermediate_size)
     fixed = _count(functools.partial(AutoModelForCausalLM.from_config, c)) + logits + activations
     all_mamba = _count(functools.partial(ZebraForCausalLM, base))

@@ -92,6 +92,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         if step % plan.eval_every == 0 or step == plan.steps:
             metrics = {**evaluate(hybrid, held_logits, held), "step": step, "loss": loss,
                        "tokens": step * plan.micro_batch * batch.shape[1], **fixed}
+            if device.type == "cuda":  # against tune.memory_budget_gb and the estimate of tune.space
+                metrics["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             _report(metrics, hybrid, optimizer, step)
 
 

@@ -145,15 +145,17 @@ def curve(history: list[dict]) -> list[dict]:
 
 @torch.no_grad()
 def held_out_kl(student: nn.Module, teacher_logits: Tensor, ids: Tensor, batch: int = 4) -> float:
-    """Mean KL(teacher || student) per token on ids [n, seq] (teacher_logits [n, seq, vocab])."""
+    """Mean KL(teacher || student) per token on ids [n, seq] (teacher_logits [n, seq, vocab], on any
+    device: a batch at a time moves to the student's, so the logits of many sequences may stay in host memory)."""
     total = 0.0
     for s in range(0, len(ids), batch):
         logits = student(ids[s:s + batch]).logits
-        total += kd_loss(logits, teacher_logits[s:s + batch]).item() * len(ids[s:s + batch])
+        total += kd_loss(logits, teacher_logits[s:s + batch].to(logits.device)).item() * len(ids[s:s + batch])
     return total / len(ids)
 
 
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, ids: Tensor, batch: int = 4) -> Tensor:
-    """[n, seq, vocab] float32 logits of the teacher."""
-    return torch.cat([teacher(ids[s:s + batch]).logits.float() for s in range(0, len(ids), batch)])
+    """[n, seq, vocab] float32 logits of the teacher, in host memory (n x seq x vocab x 4 bytes: 1.6 GB
+    for 16 x 512 tokens of a 49k vocabulary, which a GPU shared by several trials or tasks should not hold)."""
+    return torch.cat([teacher(ids[s:s + batch]).logits.float().cpu() for s in range(0, len(ids), batch)])

@@ -30,7 +30,7 @@ def _kl_of_choices(mla_dir: str, mamba_dir: str, choices: list[list[int]], logit
     # takes minutes per choice (seen on an H100 host, where this ran on the CPU before).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs from a task without any
     mla, mamba = load_student(mla_dir).to(device), load_student(mamba_dir).to(device)
-    logits, ids = logits.to(device), ids.to(device)
+    ids = ids.to(device)  # logits stay in host memory: held_out_kl moves a batch at a time
     kls = []
     for choice in choices:
         with mla_layers_swapped_in(mamba, mla, choice) as hybrid:
@@ -63,7 +63,10 @@ def score_layers(spec: JobSpec, ctx: Context, num_layers: int) -> tuple[float, l
     logits = teacher_logits(load_teacher_model(ctx.teacher_dir, spec.teacher.dtype), ids)
     choices = [[]] + [[i] for i in range(num_layers)]
     chunks = [list(c) for c in np.array_split(np.arange(len(choices)), spec.smart.parallel) if len(c)]
-    task = ray.remote(_kl_of_choices).options(num_cpus=1, num_gpus=spec.smart.gpus_per_task)
+    # On a GPU, one task per worker process (max_calls=1): a reused process would keep its CUDA
+    # cache, GBs that later stages and tune trials on the same GPU need (seen on an H100).
+    gpus = spec.smart.gpus_per_task
+    task = ray.remote(max_calls=1 if gpus > 0 else 0)(_kl_of_choices).options(num_cpus=1, num_gpus=gpus)
     dirs = ctx.model_dir("ild/mla"), ctx.model_dir("ild/mamba")
     logits_ref, ids_ref = ray.put(logits), ray.put(ids)
     refs = [task.remote(*dirs, [choices[j] for j in chunk], logits_ref, ids_ref) for chunk in chunks]
