@@ -34,6 +34,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from cluster.placement import worker_resources
 from jobs.spec import BUILTIN_DATA, DpoSpec, JobSpec, SpecError
 from jobs.stages.common import Context, load_student
+from jobs.train import resolve_bf16
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def preference_metrics(policy: Tensor, reference: Tensor, beta: float) -> dict[s
 
 
 def dpo_arguments(spec: JobSpec) -> dict:
-    """DPOConfig's arguments (but output_dir, and bf16: see _bf16) for dpo's section of the spec."""
+    """DPOConfig's arguments (but output_dir, and bf16: jobs.train.resolve_bf16 in the worker) for dpo's section."""
     d = spec.dpo
     use_gpu = d.gpus_per_worker > 0
     return dict(
@@ -262,7 +263,7 @@ def _train_loop(config: dict) -> None:
     with tempfile.TemporaryDirectory() as out:
         trainer = DPOTrainer(
             model=load_student(config["model_dir"]), ref_model=load_student(config["model_dir"]),
-            args=DPOConfig(output_dir=out, bf16=_bf16(config["bf16"], not config["arguments"]["use_cpu"]),
+            args=DPOConfig(output_dir=out, bf16=resolve_bf16(config["bf16"], not config["arguments"]["use_cpu"]),
                            **config["arguments"]),
             train_dataset=pairs, processing_class=tokenizer,
             callbacks=[RayTrainReportCallback(), _TagResumes()],
@@ -274,11 +275,6 @@ def _train_loop(config: dict) -> None:
             return
         with checkpoint.as_directory() as d:
             trainer.train(resume_from_checkpoint=str(Path(d) / HF_CHECKPOINT))
-
-
-def _bf16(setting: bool | str, use_gpu: bool) -> bool:
-    """dpo.bf16 (GPU only, as in ild and kd), decided in a worker: "auto" asks its GPU, which the driver may lack."""
-    return use_gpu and (setting is True or (setting == "auto" and torch.cuda.is_bf16_supported()))
 
 
 class _TagResumes(TrainerCallback):

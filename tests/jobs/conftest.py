@@ -1,7 +1,8 @@
 """Fixtures of the pipeline tests: a tiny random Llama teacher over the SmolLM2 tokenizer, a tiny
-jsonl corpus, and the fast job spec that runs on them (seconds per stage on 2 CPU cores)."""
+jsonl corpus, preference pairs, and the fast job spec that runs on them (seconds per stage on 2 CPU cores)."""
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,33 @@ def spec_dict(teacher_dir: Path, data_file: Path, storage: Path | str, zero_stag
         "export": {"dtype": "float32"},
         "eval": {"enabled": False},
     }
+
+
+TOPICS = "red green blue cat dog sun moon tree river stone".split()
+GOOD, BAD = "yes sure gladly certainly".split(), "no never refuse nope".split()
+
+
+def text_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs whose chosen completions use only GOOD words and rejected ones only BAD words."""
+    gen = random.Random(seed)
+    return [{"prompt": "Question about " + " ".join(gen.choices(TOPICS, k=3)) + ". Answer:",
+             "chosen": " " + " ".join(gen.choices(GOOD, k=gen.randint(2, 4))),
+             "rejected": " " + " ".join(gen.choices(BAD, k=gen.randint(2, 4)))} for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "prefs.jsonl", text_pairs(48))
+
+
+def dpo_section(pairs: Path) -> dict:
+    """The fast spec's dpo section: 8 DPO steps of 2 text pairs x 2 workers under ZeRO-2; the last 8
+    of 48 pairs are held out."""
+    return dict(enabled=True, dataset=str(pairs), held_out_pairs=8, micro_batch=2, seq_len=32, workers=2,
+                zero_stage=2, tokens=8 * 2 * 32 * 2, lr=1e-2, beta=0.1, warmup_frac=0.0, checkpoint_every=4,
+                log_every=2)

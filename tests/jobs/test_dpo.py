@@ -1,10 +1,6 @@
-"""The dpo stage: the pipeline with DPO after KD on a tiny random Llama teacher (2 Ray Train workers,
-ZeRO-2, text pairs), then a rerun that must do no work; the stage alone on chat pairs under ZeRO-3,
-and on one GPU; the preflight's refusals; and the pieces the held-out metrics rest on (pair
-loading, TRL's tokenization, summed completion log-probs)."""
-import json
-import random
-import time
+"""The dpo stage alone on chat pairs under ZeRO-3, and on one GPU; the preflight's refusals; and the
+pieces the held-out metrics rest on (pair loading, TRL's tokenization, summed completion log-probs).
+The pipeline with DPO after KD (text pairs, ZeRO-2) runs in tests/jobs/test_pipeline.py's ZeRO-3 case."""
 from pathlib import Path
 
 import datasets
@@ -15,25 +11,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from cluster.storage import LocalStorage
-from jobs.run import main, run
+from jobs.run import main
 from jobs.spec import STAGES, load_spec
 from jobs.stages import dpo as dpo_stage
 from jobs.stages.common import Context
 from jobs.stages.dpo import load_pairs, pair_logps, tokenize_pair
-from tests.jobs.conftest import spec_dict
+from tests.jobs.conftest import dpo_section, spec_dict, text_pairs, write_jsonl
 from zebra import ZebraConfig, ZebraForCausalLM
 from zebra.teacher import default_teacher_gguf
-
-TOPICS = "red green blue cat dog sun moon tree river stone".split()
-GOOD, BAD = "yes sure gladly certainly".split(), "no never refuse nope".split()
-
-
-def text_pairs(n: int, seed: int = 0) -> list[dict]:
-    """Pairs whose chosen completions use only GOOD words and rejected ones only BAD words."""
-    gen = random.Random(seed)
-    return [{"prompt": "Question about " + " ".join(gen.choices(TOPICS, k=3)) + ". Answer:",
-             "chosen": " " + " ".join(gen.choices(GOOD, k=gen.randint(2, 4))),
-             "rejected": " " + " ".join(gen.choices(BAD, k=gen.randint(2, 4)))} for _ in range(n)]
 
 
 def chat_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -47,63 +32,13 @@ def chat_pairs(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("pairs") / "prefs.jsonl", text_pairs(48))
-
-
 def dpo_spec(teacher_dir: Path, data_file: Path, pairs: Path, storage: Path) -> dict:
-    """test_pipeline's fast spec, but ILD and KD take two steps on one worker with an in-process teacher
-    (DPO needs a KD model, not a good one), then 8 DPO steps of 2 pairs x 2 workers; the last 8 of 48
-    pairs are held out."""
-    d = spec_dict(teacher_dir, data_file, storage)
-    for stage in ("ild", "kd"):
-        d[stage].update(workers=1, teacher_mode="inprocess", tokens=2 * 2 * 32)
-    d["dpo"] = dict(enabled=True, dataset=str(pairs), held_out_pairs=8, micro_batch=2, seq_len=32, workers=2,
-                    zero_stage=2, tokens=8 * 2 * 32 * 2, lr=1e-2, beta=0.1, warmup_frac=0.0, checkpoint_every=4,
-                    log_every=2)
-    return d
+    """The fast spec with a DPO stage (tests.jobs.conftest.dpo_section)."""
+    return {**spec_dict(teacher_dir, data_file, storage), "dpo": dpo_section(pairs)}
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
-
-
-@pytest.mark.slow
-def test_pipeline_with_dpo_then_rerun_is_a_no_op(ray_session, teacher_dir, data_file, pairs_file, tmp_path):
-    spec = load_spec(dpo_spec(teacher_dir, data_file, pairs_file, tmp_path / "run"))
-    report = run(spec)
-    storage = tmp_path / "run"
-    infos = {s: json.loads((storage / s / "COMPLETE.json").read_text())
-             for s in ("init", "ild", "smart", "kd", "dpo", "export")}
-    dpo = infos["dpo"]
-    print({k: v for k, v in dpo.items() if k != "history"})
-    assert dpo["pairs"] == 40 and dpo["held_out_pairs"] == 8
-    assert dpo["reward_margin_before"] == 0.0 and dpo["reward_accuracy_before"] == 0.0  # the policy is the reference
-    assert dpo["reward_margin_after"] > 0.0 and dpo["reward_accuracy_after"] >= 0.75
-    assert dpo["logp_margin_after"] > dpo["logp_margin_before"]
-    assert dpo["pref_accuracy_after"] > dpo["pref_accuracy_before"] or dpo["pref_accuracy_before"] == 1.0
-    assert [h["step"] for h in dpo["history"]] == [2, 4, 6, 8]
-    assert all(h["resumed_from"] == 0 for h in dpo["history"])
-    assert dpo["history"][-1]["loss"] < dpo["history"][0]["loss"]
-
-    exported, tuned = weights(storage / "export"), weights(storage / "dpo/model")
-    distilled = weights(storage / "kd/model")
-    assert infos["export"]["source"] == "dpo/model"
-    assert all(torch.equal(exported[k], tuned[k]) for k in tuned)
-    assert any(not torch.equal(tuned[k], distilled[k]) for k in tuned)
-    assert "## DPO" in report.read_text() and (report.parent / "losses.png").is_file()
-
-    start = time.perf_counter()
-    run(spec)
-    assert time.perf_counter() - start < 30
-    again = {s: json.loads((storage / s / "COMPLETE.json").read_text()) for s in infos}
-    assert again == infos  # nothing re-ran: the markers (with their wall times) are unchanged
 
 
 @pytest.fixture(scope="module")

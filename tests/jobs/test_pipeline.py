@@ -1,18 +1,19 @@
 """The whole pipeline (python -m jobs.run) on a tiny random Llama teacher with the SmolLM2 tokenizer:
-two Ray Train workers, teacher actors, ZeRO-2 and ZeRO-3, then a rerun that must do no work; and
-bad specs that must fail before any work."""
+two Ray Train workers, teacher actors, ZeRO-2 (with a worker killed mid-ILD) and ZeRO-3 (with a DPO
+stage after KD), then a rerun that must do no work; and bad specs that must fail before any work."""
 import json
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
 from jobs.run import main, run
 from jobs.spec import STAGES, load_spec
 from jobs.train import FAULT_MARKER_ENV, FAULT_STEP_ENV
-from tests.jobs.conftest import spec_dict
+from tests.jobs.conftest import dpo_section, spec_dict
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,14 +23,17 @@ def ray_cluster(ray_session):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_end_to_end_then_rerun_is_a_no_op(teacher_dir, data_file, tmp_path, zero_stage, monkeypatch):
-    spec = load_spec(spec_dict(teacher_dir, data_file, tmp_path / "run", zero_stage))
+def test_end_to_end_then_rerun_is_a_no_op(teacher_dir, data_file, pairs_file, tmp_path, zero_stage, monkeypatch):
+    data = spec_dict(teacher_dir, data_file, tmp_path / "run", zero_stage)
     if zero_stage == 2:  # a training worker dies at the start of ILD step 6 (of 8; checkpoints every 4)
         monkeypatch.setenv(FAULT_STEP_ENV, "6")
         monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-fired"))
-    report = run(spec)
+    else:  # DPO (TRL) tunes the KD model; export takes DPO's
+        data["dpo"] = dpo_section(pairs_file)
+    report = run(load_spec(data))
+    stages = ("init", "ild", "smart", "kd", "export") + (("dpo",) if zero_stage == 3 else ())
     storage = tmp_path / "run"
-    infos = {s: json.loads((storage / s / "COMPLETE.json").read_text()) for s in ("init", "ild", "smart", "kd", "export")}
+    infos = {s: json.loads((storage / s / "COMPLETE.json").read_text()) for s in stages}
     ild, kd = infos["ild"], infos["kd"]
     if zero_stage == 2:  # ILD completed by resuming from its step-4 checkpoint: nothing lost, nothing redone
         assert (tmp_path / "fault-fired").exists()
@@ -44,12 +48,34 @@ def test_end_to_end_then_rerun_is_a_no_op(teacher_dir, data_file, tmp_path, zero
     assert model.config.mixer_types.count("mla") == 2
     assert report.is_file() and (report.parent / "losses.png").is_file() and (report.parent / "smart_scores.png").is_file()
     assert "| kd |" in report.read_text()
+    if zero_stage == 3:
+        check_dpo(infos, storage, report)
 
     start = time.perf_counter()
-    run(spec)
+    run(load_spec(data))
     assert time.perf_counter() - start < 30
     again = {s: json.loads((storage / s / "COMPLETE.json").read_text()) for s in infos}
     assert again == infos  # nothing re-ran: the markers (with their wall times) are unchanged
+
+
+def check_dpo(infos: dict, storage: Path, report: Path) -> None:
+    """DPO learnt the pairs (chosen completions: GOOD words only) and its model is what was exported."""
+    dpo = infos["dpo"]
+    print({k: v for k, v in dpo.items() if k != "history"})
+    assert dpo["pairs"] == 40 and dpo["held_out_pairs"] == 8
+    assert dpo["reward_margin_before"] == 0.0 and dpo["reward_accuracy_before"] == 0.0  # the policy is the reference
+    assert dpo["reward_margin_after"] > 0.0 and dpo["reward_accuracy_after"] >= 0.75
+    assert dpo["logp_margin_after"] > dpo["logp_margin_before"]
+    assert dpo["pref_accuracy_after"] > dpo["pref_accuracy_before"] or dpo["pref_accuracy_before"] == 1.0
+    assert [h["step"] for h in dpo["history"]] == [2, 4, 6, 8]
+    assert all(h["resumed_from"] == 0 for h in dpo["history"])
+    assert dpo["history"][-1]["loss"] < dpo["history"][0]["loss"]
+    exported, tuned, distilled = (AutoModelForCausalLM.from_pretrained(storage / key, dtype=torch.float32).state_dict()
+                                  for key in ("export", "dpo/model", "kd/model"))
+    assert infos["export"]["source"] == "dpo/model"
+    assert all(torch.equal(exported[k], tuned[k]) for k in tuned)
+    assert any(not torch.equal(tuned[k], distilled[k]) for k in tuned)
+    assert "## DPO" in report.read_text()
 
 
 def write_spec(path: Path, data: dict) -> str:
