@@ -67,7 +67,7 @@ class TrainConfig:
     micro_batch: int = 4
     seq_len: int = 128
     grad_accum: int = 1
-    bf16: bool = False  # GPU only
+    bf16: bool | str = False  # GPU only; "auto": where the worker's GPU supports it (decided in the worker)
     teacher_mode: str = "actor"  # "actor" | "inprocess"
     teacher_cpus: float = 0.5  # CPUs Ray reserves for each teacher actor
     checkpoint_every: int = 50
@@ -82,7 +82,8 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "2 or 3")
         _require(self.teacher_mode in TEACHER_MODES, "teacher_mode", self.teacher_mode, f"one of {TEACHER_MODES}")
-        _require(not self.bf16 or self.use_gpu, "bf16", self.bf16, "False when use_gpu is False")
+        _require(self.bf16 in (True, False, "auto"), "bf16", self.bf16, 'True, False or "auto"')
+        _require(self.bf16 is not True or self.use_gpu, "bf16", self.bf16, "False or \"auto\" when use_gpu is False")
         _require(0.0 <= self.warmup_frac < 1.0, "warmup_frac", self.warmup_frac, "in [0, 1)")
         for name in ("workers", "total_steps", "micro_batch", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
@@ -310,7 +311,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.bf16},
+        "bf16": {"enabled": resolve_bf16(cfg.bf16, cfg.use_gpu)},
         "optimizer": {"type": "AdamW", "params": adamw},
         "scheduler": {
             "type": "WarmupCosineLR",
@@ -323,6 +324,12 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         },
         "steps_per_print": cfg.total_steps + 1,  # we log; keep DeepSpeed's own step lines out
     }
+
+
+def resolve_bf16(setting: bool | str, use_gpu: bool) -> bool:
+    """A bf16 setting (True, False, "auto") for this process: "auto" asks its GPU, so call it in the
+    worker (the driver may have no GPU, or another one). Never bf16 without a GPU."""
+    return use_gpu and (setting is True or (setting == "auto" and torch.cuda.is_bf16_supported()))
 
 
 def _engine(cfg: TrainConfig, student: nn.Module, world: int):

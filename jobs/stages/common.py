@@ -125,7 +125,7 @@ def _batches(path: str, seed: int, micro_batch: int, rank: int, world: int, star
 def train_config(spec: JobSpec, section: TrainSettings) -> TrainConfig:
     """jobs.train's TrainConfig from a stage's section of the spec."""
     use_gpu = section.gpus_per_worker > 0
-    bf16 = use_gpu and (section.bf16 is True or (section.bf16 == "auto" and torch.cuda.is_bf16_supported()))
+    bf16 = section.bf16 if use_gpu else False  # "auto" is decided in each worker (jobs.train.resolve_bf16)
     return TrainConfig(
         workers=section.workers, use_gpu=use_gpu, zero_stage=section.zero_stage, lr=section.lr,
         warmup_frac=section.warmup_frac, total_steps=section.total_steps, micro_batch=section.micro_batch,

@@ -201,3 +201,25 @@ def test_tune_defaults_and_trial_settings():
 ])
 def test_tune_settings_checked(tune, message):
     assert message in error_of({"tune": tune})
+
+
+def test_bf16_auto_reaches_the_worker_undecided(monkeypatch):
+    """train_config passes bf16 "auto" through on GPU (the worker asks its own GPU: resolve_bf16) and
+    turns it off on CPU; TrainConfig refuses bf16 True without a GPU."""
+    import torch
+
+    from jobs.stages.common import train_config
+    from jobs.train import TrainConfig, deepspeed_config, resolve_bf16
+
+    spec = load_spec({"kd": {"gpus_per_worker": 1, "bf16": "auto"}})
+    assert train_config(spec, spec.kd).bf16 == "auto"
+    cpu = load_spec({"kd": {"gpus_per_worker": 0, "bf16": "auto"}})
+    assert train_config(cpu, cpu.kd).bf16 is False
+    with pytest.raises(ValueError, match="TrainConfig.bf16"):
+        TrainConfig(use_gpu=False, bf16=True)
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert resolve_bf16("auto", use_gpu=True) is supported
+        assert resolve_bf16("auto", use_gpu=False) is False
+        assert deepspeed_config(TrainConfig(use_gpu=True, bf16="auto"), 1)["bf16"]["enabled"] is supported
+    assert resolve_bf16(True, use_gpu=True) is True and resolve_bf16(False, use_gpu=True) is False
