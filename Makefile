@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on these machines' disk; pinning it first keeps pip from pulling a CUDA build.
 TORCH ?= torch==2.13.0
+# DeepSpeed JIT-builds its ops with the first ninja on PATH into TORCH_EXTENSIONS_DIR and rebuilds them
+# whenever another ninja built the cached copy: the virtualenv's ninja and cache, for us and Ray's workers.
+export PATH := $(abspath $(BIN)):$(PATH)
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test test-fast install clean
 
@@ -23,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python -m jobs.run jobs/examples/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests

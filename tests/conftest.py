@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Llama teachers (seconds), and the real SmolLM2 teacher (slow, cached)."""
 import os
+import sys
 
 import pytest
 import torch
@@ -43,6 +44,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed JIT-builds its CPU comm op with the first `ninja` on PATH into TORCH_EXTENSIONS_DIR, and
+# rebuilds it (workers then wait minutes on its lock) whenever another ninja or checkout built the
+# cached copy last: one cache per virtualenv, built with the virtualenv's own ninja. Ray workers
+# inherit both from this process.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 def init_ray(attempts: int = 3, **kwargs):

@@ -5,7 +5,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import zebra
-from tests.conftest import tiny_llama
 from zebra.convert import convert, full_rank_mla_config, hybrid_config, layer_init_errors
 
 
