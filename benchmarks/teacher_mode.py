@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    import ray
+
     from cluster.connect import connect
     from jobs.run import make_context, preflight
     from jobs.spec import load_spec
@@ -79,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage in ("ild", "smart"):
         if not ctx.storage.is_complete(stage):
             parser.error(f"{args.spec}: stage {stage} of run {spec.storage.uri} is not complete; run the spec first")
-    with tempfile.TemporaryDirectory(prefix="zebra-bench-") as tmp:
-        rows = [measure(spec, ctx, mode, args.steps, tmp) for mode in MODES]
+    try:
+        with tempfile.TemporaryDirectory(prefix="zebra-bench-") as tmp:
+            rows = [measure(spec, ctx, mode, args.steps, tmp) for mode in MODES]
+    finally:
+        ray.shutdown()  # on the H100 the process lingered past its table at exit without this
     print(table(rows))
     with open(args.out, "w") as f:
         json.dump({"spec": args.spec, "rows": rows}, f, indent=2)

@@ -21,6 +21,7 @@ from transformers import LlamaConfig
 from jobs.run import run
 from jobs.spec import load_spec
 from tests.jobs.conftest import data_file, teacher_dir  # noqa: F401 (module fixtures)
+from tests.jobs.conftest import spec_dict as pipeline_spec_dict
 from tune.pareto import pareto_front
 from tune.search import main
 
@@ -36,24 +37,17 @@ def ray_cluster(ray_session):
 
 
 def spec_dict(teacher: Path, data: Path, storage: Path, **tune) -> dict:
-    train = {"micro_batch": 2, "seq_len": 32, "workers": 1, "teacher_mode": "inprocess", "checkpoint_every": 4,
-             "log_every": 2, "warmup_frac": 0.0}
-    return {
-        "name": "tiny-tune",
-        "teacher": {"source": str(teacher)},
-        "data": {"source": str(data), "held_out_sequences": 4},
-        "storage": {"uri": str(storage)},
-        "cluster": {"num_cpus": 4},
-        "init": {"calibration_sequences": 4, "seq_len": 32},
-        "ild": {**train, "tokens": 4 * 64, "lr": 1e-3},
-        "smart": {"sequences": 4, "seq_len": 32, "parallel": 2},
-        "kd": {**train, "tokens": 4 * 64, "lr": 3e-3},
-        "export": {"dtype": "float32"},
-        "eval": {"enabled": False},
-        "tune": {**GRID, "num_samples": 6, "kv_budget": BUDGET, "memory_budget_gb": 1, "search_alg": "optuna",
+    """The pipeline tests' fast spec (tests.jobs.conftest.spec_dict) with the tune section over GRID:
+    no student section (the search sets it), ILD and KD 4 steps of one worker, teacher in-process."""
+    d = pipeline_spec_dict(teacher, data, storage)
+    del d["student"]
+    d.update(name="tiny-tune", cluster={"num_cpus": 4})
+    for stage in ("ild", "kd"):
+        d[stage].update(workers=1, teacher_mode="inprocess", tokens=4 * 64)
+    d["tune"] = {**GRID, "num_samples": 6, "kv_budget": BUDGET, "memory_budget_gb": 1, "search_alg": "optuna",
                  "steps": 8, "micro_batch": 2, "seq_len": 32, "lr": 3e-3, "eval_every": 2, "grace_period": 1,
-                 "max_concurrent_trials": 2, **tune},
-    }
+                 "max_concurrent_trials": 2, **tune}
+    return d
 
 
 @pytest.fixture(scope="module")
