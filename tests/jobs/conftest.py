@@ -75,6 +75,17 @@ def text_pairs(n: int, seed: int = 0) -> list[dict]:
              "rejected": " " + " ".join(gen.choices(BAD, k=gen.randint(2, 4)))} for _ in range(n)]
 
 
+def chat_pairs(n: int, seed: int = 0) -> list[dict]:
+    """The same pairs in ultrafeedback's layout: a text prompt beside chosen/rejected chats that repeat it."""
+    rows = []
+    for p in text_pairs(n, seed):
+        user = {"role": "user", "content": p["prompt"]}
+        rows.append({"prompt": p["prompt"], "prompt_id": "x", "score_chosen": 9.0,
+                     "chosen": [user, {"role": "assistant", "content": p["chosen"].strip()}],
+                     "rejected": [user, {"role": "assistant", "content": p["rejected"].strip()}]})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -85,9 +96,14 @@ def pairs_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "prefs.jsonl", text_pairs(48))
 
 
-def dpo_section(pairs: Path) -> dict:
-    """The fast spec's dpo section: 8 DPO steps of 2 text pairs x 2 workers under ZeRO-2; the last 8
-    of 48 pairs are held out."""
-    return dict(enabled=True, dataset=str(pairs), held_out_pairs=8, micro_batch=2, seq_len=32, workers=2,
-                zero_stage=2, tokens=8 * 2 * 32 * 2, lr=1e-2, beta=0.1, warmup_frac=0.0, checkpoint_every=4,
-                log_every=2)
+@pytest.fixture(scope="module")
+def chat_pairs_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "chat-prefs.jsonl", chat_pairs(48))
+
+
+def dpo_section(pairs: Path, zero_stage: int = 2, seq_len: int = 32) -> dict:
+    """The fast spec's dpo section: 8 DPO steps of 2 pairs x 2 workers; the last 8 of 48 pairs are
+    held out (chat pairs need seq_len 64: the chat template's system turn takes ~30 tokens)."""
+    return dict(enabled=True, dataset=str(pairs), held_out_pairs=8, micro_batch=2, seq_len=seq_len, workers=2,
+                zero_stage=zero_stage, tokens=8 * 2 * seq_len * 2, lr=1e-2, beta=0.1, warmup_frac=0.0,
+                checkpoint_every=4, log_every=2)

@@ -1,6 +1,6 @@
-"""The dpo stage alone on chat pairs under ZeRO-3, and on one GPU; the preflight's refusals; and the
-pieces the held-out metrics rest on (pair loading, TRL's tokenization, summed completion log-probs).
-The pipeline with DPO after KD (text pairs, ZeRO-2) runs in tests/jobs/test_pipeline.py's ZeRO-3 case."""
+"""The dpo stage alone on one GPU; the preflight's refusals; and the pieces the held-out metrics rest
+on (pair loading, TRL's tokenization, summed completion log-probs). On CPU the stage runs in the
+pipeline: tests/jobs/test_pipeline.py's ZeRO-3 case runs DPO after KD (chat pairs, two workers, ZeRO-3)."""
 from pathlib import Path
 
 import datasets
@@ -16,20 +16,9 @@ from jobs.spec import STAGES, load_spec
 from jobs.stages import dpo as dpo_stage
 from jobs.stages.common import Context
 from jobs.stages.dpo import load_pairs, pair_logps, tokenize_pair
-from tests.jobs.conftest import dpo_section, spec_dict, text_pairs, write_jsonl
+from tests.jobs.conftest import chat_pairs, dpo_section, spec_dict, text_pairs, write_jsonl
 from zebra import ZebraConfig, ZebraForCausalLM
 from zebra.teacher import default_teacher_gguf
-
-
-def chat_pairs(n: int, seed: int = 0) -> list[dict]:
-    """The same pairs in ultrafeedback's layout: a text prompt beside chosen/rejected chats that repeat it."""
-    rows = []
-    for p in text_pairs(n, seed):
-        user = {"role": "user", "content": p["prompt"]}
-        rows.append({"prompt": p["prompt"], "prompt_id": "x", "score_chosen": 9.0,
-                     "chosen": [user, {"role": "assistant", "content": p["chosen"].strip()}],
-                     "rejected": [user, {"role": "assistant", "content": p["rejected"].strip()}]})
-    return rows
 
 
 def dpo_spec(teacher_dir: Path, data_file: Path, pairs: Path, storage: Path) -> dict:
@@ -79,13 +68,6 @@ def stage_alone(tokenizer_dir: Path, root: Path, rows: list[dict], **dpo) -> dic
     tuned = weights(root / "dpo/model")
     assert any(not torch.equal(tuned[k], v) for k, v in weights(root / "kd/model").items())
     return info
-
-
-@pytest.mark.slow
-def test_stage_alone_on_chat_pairs_under_zero3(ray_session, tokenizer_dir, tmp_path):
-    """Chat pairs in ultrafeedback's layout (seq_len 64: the chat template's system turn takes ~30
-    tokens), two CPU workers under ZeRO-3."""
-    stage_alone(tokenizer_dir, tmp_path, chat_pairs(48), workers=2, zero_stage=3)
 
 
 @pytest.mark.gpu

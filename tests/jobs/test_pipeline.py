@@ -1,6 +1,7 @@
 """The whole pipeline (python -m jobs.run) on a tiny random Llama teacher with the SmolLM2 tokenizer:
 two Ray Train workers, teacher actors, ZeRO-2 (with a worker killed mid-ILD) and ZeRO-3 (with a DPO
-stage after KD), then a rerun that must do no work; and bad specs that must fail before any work."""
+stage after KD on chat pairs, ZeRO-3), then a rerun that must do no work; and bad specs that must
+fail before any work."""
 import json
 import time
 from pathlib import Path
@@ -23,13 +24,13 @@ def ray_cluster(ray_session):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_end_to_end_then_rerun_is_a_no_op(teacher_dir, data_file, pairs_file, tmp_path, zero_stage, monkeypatch):
+def test_end_to_end_then_rerun_is_a_no_op(teacher_dir, data_file, chat_pairs_file, tmp_path, zero_stage, monkeypatch):
     data = spec_dict(teacher_dir, data_file, tmp_path / "run", zero_stage)
     if zero_stage == 2:  # a training worker dies at the start of ILD step 6 (of 8; checkpoints every 4)
         monkeypatch.setenv(FAULT_STEP_ENV, "6")
         monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-fired"))
-    else:  # DPO (TRL) tunes the KD model; export takes DPO's
-        data["dpo"] = dpo_section(pairs_file)
+    else:  # DPO (TRL) tunes the KD model on chat pairs in ultrafeedback's layout; export takes DPO's
+        data["dpo"] = dpo_section(chat_pairs_file, zero_stage=3, seq_len=64)
     report = run(load_spec(data))
     stages = ("init", "ild", "smart", "kd", "export") + (("dpo",) if zero_stage == 3 else ())
     storage = tmp_path / "run"

@@ -1,4 +1,9 @@
-"""Ray Train + DeepSpeed distillation on CPU: two workers, tiny random Llamas as teacher and student."""
+"""Ray Train + DeepSpeed distillation: two workers, tiny random Llamas as teacher and student.
+
+On CPU: the teacher actor against the teacher in-process, and an in-process top-k run. Learning under
+ZeRO-2 and ZeRO-3 with teacher actors, a worker killed mid-stage (resume from the last checkpoint,
+exact step accounting) and the no-op rerun are tested through the pipeline (tests/jobs/test_pipeline.py),
+which runs this same distill(); on GPU: bf16 learning under both stages and the CUDA-IPC teacher."""
 import functools
 import sys
 
@@ -10,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.teacher import LocalTeacher, start_teacher
-from jobs.train import FAULT_MARKER_ENV, FAULT_STEP_ENV, TrainConfig, distill, kd_objective
+from jobs.train import TrainConfig, distill, kd_objective
 from zebra.losses import TopKLogprobs, kd_loss
 
 # The factories below live in this test module, which Ray workers cannot import by name.
@@ -90,22 +95,6 @@ def test_teacher_actor_matches_local_teacher():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_student_learns_teacher(tmp_path, zero_stage):
-    cfg = config(zero_stage=zero_stage)
-    out = distill(cfg, student_factory, teacher_factory, kd_objective(), random_tokens, str(tmp_path), "kd")
-    assert [m["step"] for m in out.history] == list(range(1, cfg.total_steps + 1))
-    assert out.history[-1]["tokens"] == cfg.total_steps * cfg.tokens_per_step
-    student = student_factory()
-    before = held_out_kd(student)
-    student.load_state_dict(out.student_state_dict())
-    after = held_out_kd(student)
-    print(f"ZeRO-{zero_stage}: held-out KD {before:.3f} -> {after:.3f}; "
-          f"train loss {out.history[0]['loss']:.3f} -> {out.history[-1]['loss']:.3f}")
-    assert after < 0.85 * before
-
-
-@pytest.mark.slow
 def test_inprocess_teacher_with_top_k(tmp_path):
     cfg = config(teacher_mode="inprocess", total_steps=6, checkpoint_every=6, log_every=2)
     out = distill(cfg, student_factory, teacher_factory, kd_objective(top_k=8), random_tokens, str(tmp_path), "kd")
@@ -113,32 +102,6 @@ def test_inprocess_teacher_with_top_k(tmp_path):
     print(losses)
     assert [m["step"] for m in out.history] == [2, 4, 6]
     assert losses[-1] < losses[0]
-
-
-@pytest.mark.slow
-def test_killed_worker_resumes_from_last_checkpoint(tmp_path, monkeypatch):
-    cfg = config(total_steps=8, checkpoint_every=3)
-    monkeypatch.setenv(FAULT_STEP_ENV, "5")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-fired"))
-    out = distill(cfg, student_factory, teacher_factory, kd_objective(), random_tokens, str(tmp_path), "kd")
-    runs = {}
-    for m in out.history:
-        runs.setdefault(m["resumed_from"], []).append(m["step"])
-    print(runs)
-    assert (tmp_path / "fault-fired").exists()
-    # The first worker group reported steps 1..3 (maybe 4) and died at 5; the second resumed from
-    # the step-3 checkpoint and did steps 4..8: nothing before the checkpoint was redone.
-    steps = [m["step"] for m in out.history]
-    assert sorted(runs) == [0, 3], runs
-    assert runs[0][:3] == [1, 2, 3] and set(runs[0]) <= {1, 2, 3, 4}
-    assert runs[3] == [4, 5, 6, 7, 8]
-    assert steps[-1] == cfg.total_steps
-    assert out.history[-1]["tokens"] == cfg.total_steps * cfg.tokens_per_step
-    assert out.result.metrics["step"] == cfg.total_steps
-
-    again = distill(cfg, student_factory, teacher_factory, kd_objective(), random_tokens, str(tmp_path), "kd")
-    assert again.history == []  # a rerun of a finished run resumes at its end and trains no more
-    assert again.student_state_dict().keys() == out.student_state_dict().keys()
 
 
 @ray.remote(num_gpus=1, num_cpus=0.5)
