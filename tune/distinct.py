@@ -33,7 +33,6 @@ class DistinctArms(Searcher):
         self.arm_of: dict[str, str] = {}  # trial id -> its arm
         self.inner_id: dict[str, str] = {}  # trial id -> the id the inner searcher knows it by
         self.results: dict[str, dict] = {}  # arm -> its latest result
-        self.repeats = 0  # proposals answered without a trial
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
         self._metric, self._mode = metric or self._metric, mode or self._mode
@@ -56,7 +55,6 @@ class DistinctArms(Searcher):
             if arm not in launched:
                 self.arm_of[trial_id], self.inner_id[trial_id] = arm, inner
                 return config
-            self.repeats += 1
             known = self.results.get(arm)
             self.searcher.on_trial_complete(inner, result=known, error=known is None)
         arm = self.rng.choice(sorted(set(self.arms) - launched))
