@@ -4,9 +4,10 @@ Per head h the SSD layer (Mamba2, state-space duality) keeps a state S [p, n] an
     S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T        y_t = S_t C_t + D x_t
 with x_t [p], B_t, C_t [n], dt_t > 0 (already softplus'ed), A < 0 (one scalar per head).
 
-`ssd_scan` and `causal_conv1d` are the dispatch points: on CUDA they call mamba_ssm's Triton scan
-and the causal_conv1d package when these are installed (both optional), elsewhere the references.
-The choice follows `backend` ("auto", "torch", "cuda") and is logged once per reason.
+`ssd_scan` and `causal_conv1d` are the dispatch points: on CUDA "auto" calls our Triton kernels
+(kernels.ssd_scan, kernels.conv1d), "cuda" mamba_ssm's scan and the causal_conv1d package (both optional),
+elsewhere the references. The choice follows `backend` ("auto", "torch", "cuda", "triton") and is logged
+once per reason.
 The one-token steps (`ssd_step`, `causal_conv1d_step`) stay plain PyTorch: a decode step is a few
 small elementwise ops that torch.compile fuses, so no kernel is needed there.
 """
@@ -15,13 +16,14 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -186,46 +188,108 @@ def _choose(op: str, backend: str, x: torch.Tensor, module: str, attr: str, unsu
     return None
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, backend: str = "auto"):
-    """SSD scan over a sequence; the one dispatch point between mamba_ssm's kernel and `ssd_chunked_ref`.
+def _ssd_triton(x, chunk_size: int, backend: str):
+    """kernels.ssd_scan.ssd_scan_triton for this call, or None where backend "auto" falls back (logged once).
 
+    It runs on CUDA tensors, and for backend "triton" also on CPU tensors under TRITON_INTERPRET=1.
+    """
+    fn, reason = None, f"tensors are on {x.device.type}"
+    if x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+        fn, reason = _load("kernels.ssd_scan", "ssd_scan_triton")
+    if fn is not None and x.dtype not in KERNEL_DTYPES:
+        fn, reason = None, f"dtype {x.dtype} has no kernel"
+    if fn is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        fn, reason = None, f"chunk_size {chunk_size} is not a power of two >= 16"
+    if fn is not None:
+        _log_once("ssd_scan: Triton kernel kernels.ssd_scan.ssd_scan_triton")
+        return fn
+    if backend == "triton":
+        raise RuntimeError(f"ssd_scan: backend='triton' but {reason}; use 'auto' or 'torch'")
+    _log_once(f"ssd_scan: PyTorch reference ({reason})")
+    return None
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, backend: str = "auto"):
+    """SSD scan over a sequence; the one dispatch point between our Triton kernel (kernels.ssd_scan),
+    mamba_ssm's kernel and `ssd_chunked_ref`.
+
+    backend "auto": the Triton kernel on CUDA, else the reference; "triton": the Triton kernel or an error;
+    "cuda": mamba_ssm's kernel or an error; "torch": the reference. All paths are differentiable.
     x [b, l, h, p], dt [b, l, h] (> 0), A [h] (< 0), B, C [b, l, g, n] with g dividing h (head i reads
     group i // (h // g)), D [h] or None, initial_state [b, h, p, n] or None
     -> y [b, l, h, p], final_state [b, h, p, n] (float32, or float64 from the float64 reference).
     """
-    unsupported = None if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype} has no kernel"
-    kernel = _choose("ssd_scan", backend, x, "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined",
-                     unsupported)
-    if kernel is not None:
-        return kernel(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True)
+    if backend in ("auto", "triton"):
+        kernel = _ssd_triton(x, chunk_size, backend)
+        if kernel is not None:
+            return kernel(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+    else:
+        unsupported = None if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype} has no kernel"
+        kernel = _choose("ssd_scan", backend, x, "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined",
+                         unsupported)
+        if kernel is not None:
+            return kernel(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True)
     heads = x.shape[2]
     B = B.repeat_interleave(heads // B.shape[2], dim=2)
     C = C.repeat_interleave(heads // C.shape[2], dim=2)
     return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
 
 
-def _conv_unsupported(x, weight, initial_window) -> str | None:
+def _conv_unsupported(x, weight, initial_window, package: bool = True) -> str | None:
+    """Why the causal_conv1d package (package=True) or our Triton kernel cannot take this call, or None."""
     if x.dtype not in KERNEL_DTYPES:
         return f"dtype {x.dtype} has no kernel"
-    if not 2 <= weight.shape[1] <= 4:
-        return f"kernel width {weight.shape[1]} is outside the kernel's 2..4"
-    if initial_window is not None and x.shape[1] % 8:
+    lowest = 2 if package else 1
+    if not lowest <= weight.shape[1] <= 4:
+        return f"kernel width {weight.shape[1]} is outside the kernel's {lowest}..4"
+    if package and initial_window is not None and x.shape[1] % 8:
         return f"an initial window needs channels divisible by 8, got {x.shape[1]}"
     return None
 
 
-def causal_conv1d(x, weight, bias=None, initial_window=None, backend: str = "auto"):
-    """Causal depthwise conv; the one dispatch point between the causal_conv1d package and `causal_conv1d_ref`.
+def _conv_triton(x, weight, bias, initial_window, backend: str, activation: str | None):
+    """kernels.conv1d's result, or None where backend "auto" falls back to the reference (logged once).
 
-    Same arguments and result as `causal_conv1d_ref`.
+    It runs on CUDA tensors, and for backend "triton" also on CPU tensors under TRITON_INTERPRET=1.
     """
-    kernel = _choose("causal_conv1d", backend, x, "causal_conv1d", "causal_conv1d_fn",
-                     _conv_unsupported(x, weight, initial_window))
+    fn, reason = None, f"tensors are on {x.device.type}"
+    if x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+        fn, reason = _load("kernels.conv1d", "causal_conv1d_triton")
+    if fn is not None:
+        reason = _conv_unsupported(x, weight, initial_window, package=False)
+    if reason is None:
+        _log_once("causal_conv1d: Triton kernel kernels.conv1d.causal_conv1d_triton")
+        return fn(x, weight, bias, initial_window, activation)
+    if backend == "triton":
+        raise RuntimeError(f"causal_conv1d: backend='triton' but {reason}; use 'auto' or 'torch'")
+    _log_once(f"causal_conv1d: PyTorch reference ({reason})")
+    return None
+
+
+def causal_conv1d(x, weight, bias=None, initial_window=None, backend: str = "auto", activation: str | None = None):
+    """Causal depthwise conv, then `activation` (None or "silu"); the one dispatch point between our Triton
+    kernel (kernels.conv1d), the causal_conv1d package and `causal_conv1d_ref`.
+
+    backend "auto": the Triton kernel on CUDA, else the reference; "triton": the Triton kernel or an
+    error; "cuda": the causal_conv1d package or an error; "torch": the reference.
+    Same arguments and result as `causal_conv1d_ref` (then the activation), differentiable on every path.
+    """
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    kernel = None
+    if backend in ("auto", "triton"):
+        out = _conv_triton(x, weight, bias, initial_window, backend, activation)
+        if out is not None:
+            return out
+    else:
+        kernel = _choose("causal_conv1d", backend, x, "causal_conv1d", "causal_conv1d_fn",
+                         _conv_unsupported(x, weight, initial_window))
     if kernel is None:
-        return causal_conv1d_ref(x, weight, bias, initial_window)
+        out = causal_conv1d_ref(x, weight, bias, initial_window)
+        return out if activation is None else F.silu(out)
     if initial_window is None:
-        return kernel(x.contiguous(), weight, bias)
+        return kernel(x.contiguous(), weight, bias, activation=activation)
     # The kernel takes an initial window only in channel-last layout (stride 1 over channels).
     x = x.transpose(1, 2).contiguous().transpose(1, 2)
     initial_window = initial_window.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
-    return kernel(x, weight, bias, initial_states=initial_window)
+    return kernel(x, weight, bias, initial_states=initial_window, activation=activation)

@@ -125,8 +125,8 @@ class ZebraConfig(PretrainedConfig):
             raise ValueError(f"rope_freq_idx entries must lie in [0, head_dim // 2 = {self.head_dim // 2})")
         if self.mamba_heads % self.mamba_groups:
             raise ValueError(f"mamba_heads ({self.mamba_heads}) must be a multiple of mamba_groups ({self.mamba_groups})")
-        if self.mamba_backend not in ("auto", "torch", "cuda"):
-            raise ValueError(f"mamba_backend must be 'auto', 'torch' or 'cuda', got {self.mamba_backend!r}")
+        if self.mamba_backend not in ("auto", "torch", "cuda", "triton"):
+            raise ValueError(f"mamba_backend must be 'auto', 'torch', 'cuda' or 'triton', got {self.mamba_backend!r}")
 
     @property
     def mla_layers(self) -> list[int]:
