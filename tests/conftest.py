@@ -4,7 +4,13 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+# Triton reads TRITON_INTERPRET when it decorates kernels, its own triton.language helpers included,
+# at its first import (which transformers triggers): set it first, so kernel tests run on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -54,12 +60,14 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 
 def init_ray(attempts: int = 3, **kwargs):
     """ray.init with retries: Ray waits a fixed 30 s for the raylet to register, which a loaded
-    2-core machine can exceed; a second start normally succeeds. A no-op when Ray is up."""
+    2-core machine can exceed; a second start normally succeeds. A no-op when Ray is up.
+    A Ray of the suite's own (address "local"), whatever `ray start` cluster runs on the machine."""
     import ray
 
     if ray.is_initialized():
         return None
     kwargs.setdefault("include_dashboard", False)
+    kwargs.setdefault("address", "local")
     for attempt in range(attempts):
         try:
             return ray.init(**kwargs)
