@@ -6,12 +6,14 @@ One process, one batch shape, one device. Rows:
   (c) hybrid, mamba_backend "triton": the same on the Triton kernels (kernels.ssd_scan, kernels.conv1d)
   (d) the SSD scan alone, forward + backward: our Triton kernel, the PyTorch reference, mamba_ssm's
       mamba_chunk_scan_combined where it imports
+  (e) the Mamba2 gated RMSNorm alone, forward + backward: kernels.norm's Triton kernel and its reference
 A step is forward + backward + fused AdamW, under bf16 autocast on CUDA, random init and random tokens.
 Model-FLOPs utilisation counts 6 N FLOPs per token (N = the parameter count) against --peak-flops.
 Prints a table of ratios against (a) and writes JSON. Timings only: nothing is asserted.
 
     python -m benchmarks.train_step --out train_step.json            # 16 x 2048 on one GPU
     python -m benchmarks.train_step --tiny                           # CPU smoke run, tiny shapes, seconds
+    python -m benchmarks.train_step --compile --models transformer hybrid_triton   # torch.compile'd steps
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ if not torch.cuda.is_available():  # CPU smoke runs: Triton reads this when it f
 import torch.nn.functional as F  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from kernels.norm import gated_rms_norm  # noqa: E402
 from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
 from zebra.modeling import ZebraForCausalLM  # noqa: E402
@@ -117,14 +120,36 @@ def bench_scan(fn, shape, chunk: int, steps: int, warmup: int, device, dtype) ->
               torch.zeros(b, h, p, n, device=device)]
     leaves = [t.requires_grad_() for t in leaves]
     dy = torch.randn(b, l, h, p, device=device).to(dtype)
+
+    def call():
+        y, final = fn(*leaves[:5], chunk, leaves[5], leaves[6])
+        torch.autograd.backward([y, final], [dy.to(y.dtype), torch.zeros_like(final)])
+    return dict(ms=time_ms(call, steps, warmup, device))
+
+
+def bench_norm(backend: str, shape, steps: int, warmup: int, device, dtype) -> dict:
+    """Forward + backward of the gated RMSNorm on y, z [b, l, h * p] (dtype, z a slice of a wider tensor as
+    in the mixer), groups of p channels -> ms per call."""
+    b, l, h, p, _ = shape
+    y = torch.randn(b, l, h * p, device=device).to(dtype).requires_grad_()
+    z = torch.randn(b, l, 3 * h * p, device=device).to(dtype).requires_grad_()
+    weight = torch.ones(h * p, device=device, requires_grad=True)
+    dout = torch.randn_like(y)
+
+    def call():
+        torch.autograd.backward(gated_rms_norm(y, z[..., : h * p], weight, p, 1e-5, backend), dout)
+    return dict(ms=time_ms(call, steps, warmup, device))
+
+
+def time_ms(call, steps: int, warmup: int, device) -> float:
+    """Milliseconds per call() over `steps` calls after `warmup` untimed ones."""
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
-        y, final = fn(*leaves[:5], chunk, leaves[5], leaves[6])
-        torch.autograd.backward([y, final], [dy.to(y.dtype), torch.zeros_like(final)])
+        call()
     sync(device)
-    return dict(ms=(time.perf_counter() - start) / steps * 1e3)
+    return (time.perf_counter() - start) / steps * 1e3
 
 
 def run_or_skip(name: str, fn) -> dict:
@@ -144,13 +169,19 @@ def main(argv=None) -> dict:
         args.batch, args.seq, args.steps, args.warmup, args.chunk_size = 2, 32, 1, 1, 16
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", batch=args.batch,
                    seq=args.seq, chunk_size=args.chunk_size, compile=args.compile, peak_flops=args.peak_flops,
-                   torch=torch.__version__, train_step={}, ssd_scan={})
+                   torch=torch.__version__, train_step={}, ssd_scan={}, gated_rms_norm={})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = (2, 32, 2, 16, 16) if args.tiny else (args.batch, args.seq, 9, 64, 64)
     for name, fn in scan_functions().items():  # first: a CUDA error in a model step ends the process's CUDA use
         results["ssd_scan"][name] = run_or_skip(name, lambda fn=fn: bench_scan(
             fn, shape, args.chunk_size, args.steps, args.warmup, device, dtype))
+    for backend in ("triton", "torch"):
+        results["gated_rms_norm"][backend] = run_or_skip(f"gated_rms_norm {backend}", lambda b=backend: bench_norm(
+            b, shape, args.steps, args.warmup, device, dtype))
     for name, build in build_models(args.tiny, args.chunk_size).items():
+        if args.models and name not in args.models:
+            continue
+
         def step(build=build):
             torch.manual_seed(0)
             model = build()
@@ -169,7 +200,7 @@ def main(argv=None) -> dict:
 
 
 def table(results: dict) -> str:
-    """The train-step rows with ratios against the transformer, then the scan rows against the Triton scan."""
+    """The train-step rows with ratios against the transformer, then the scan and norm rows against Triton's."""
     rows = [f"train step, batch {results['batch']} x {results['seq']}, {results['device']}",
             f"{'model':<16}{'step s':>9}{'tokens/s':>12}{'x transf.':>10}{'peak GiB':>10}{'MFU':>7}"]
     base = results["train_step"].get("transformer", {}).get("tokens_per_s")
@@ -181,15 +212,16 @@ def table(results: dict) -> str:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         rows.append(f"{name:<16}{r['step_s']:>9.3f}{r['tokens_per_s']:>12,.0f}{ratio:>10}{peak:>10}"
                     f"{r['mfu'] * 100:>6.1f}%")
-    rows.append(f"SSD scan forward + backward (chunk {results['chunk_size']})")
-    rows.append(f"{'scan':<16}{'ms':>9}{'x triton':>10}")
-    ours = results["ssd_scan"].get("triton", {}).get("ms")
-    for name, r in results["ssd_scan"].items():
-        if "skipped" in r:
-            rows.append(f"{name:<16}skipped: {r['skipped'][:100]}")
-            continue
-        ratio = f"{r['ms'] / ours:>10.2f}" if ours else f"{'-':>10}"
-        rows.append(f"{name:<16}{r['ms']:>9.2f}{ratio}")
+    for key, title in (("ssd_scan", f"SSD scan forward + backward (chunk {results['chunk_size']})"),
+                       ("gated_rms_norm", "gated RMSNorm forward + backward")):
+        rows += [title, f"{'path':<16}{'ms':>9}{'x triton':>10}"]
+        ours = results[key].get("triton", {}).get("ms")
+        for name, r in results[key].items():
+            if "skipped" in r:
+                rows.append(f"{name:<16}skipped: {r['skipped'][:100]}")
+                continue
+            ratio = f"{r['ms'] / ours:>10.2f}" if ours else f"{'-':>10}"
+            rows.append(f"{name:<16}{r['ms']:>9.2f}{ratio}")
     return "\n".join(rows)
 
 
@@ -203,6 +235,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-flops", type=float, default=790e12, help="peak FLOP/s for the utilisation")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--models", nargs="+", choices=("transformer", "hybrid_torch", "hybrid_triton"),
+                        help="train-step rows to run (default: all)")
     parser.add_argument("--out", help="write the results as JSON here")
     return parser.parse_args(argv)
 

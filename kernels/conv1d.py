@@ -6,11 +6,12 @@ where `in` is x preceded by the k-1 inputs of `initial_window` (zeros when None)
 accepted; the Mamba2 mixer passes x channel-last (a transposed [b, l, c] tensor), and the output
 keeps x's layout. Products and sums run in float32 whatever the input dtype.
 
-Three layers: `_fwd`/`_bwd` launch the kernels, `_CausalConv1d` is the autograd Function, and
-`causal_conv1d_triton` is the public function. The backward recomputes the pre-activation instead
-of saving it: a first kernel writes the gradient at the pre-activation (float32) and per-block partial
-sums of the weight and bias gradients (deterministic, no atomics; one torch.sum reduces them), a
-second gathers the input and window gradients from it.
+Three layers: `_fwd`/`_bwd` launch the kernels, registered as torch.library custom ops (so torch.compile
+keeps them whole, with no graph break and no tracing into the launches), `_CausalConv1d` is the autograd
+Function over them, and `causal_conv1d_triton` is the public function. The backward recomputes the
+pre-activation instead of saving it: a first kernel writes the gradient at the pre-activation (float32)
+and per-block partial sums of the weight and bias gradients (deterministic, no atomics; one torch.sum
+reduces them), a second gathers the input and window gradients from it.
 """
 from __future__ import annotations
 
@@ -174,9 +175,11 @@ def _window_args(x, initial_window):
     return initial_window, *initial_window.stride()
 
 
-def _fwd(x, weight, bias, initial_window, silu: bool) -> torch.Tensor:
+@torch.library.custom_op("zebra::causal_conv1d_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_window: torch.Tensor | None,
+         silu: bool) -> torch.Tensor:
     """x [b, c, l], weight [c, k], bias [c] or None, initial_window [b, c, k-1] or None
-    -> out [b, c, l] in x's dtype and layout."""
+    -> out [b, c, l] in x's dtype and layout (torch.empty_like's: x's strides when x is dense)."""
     (b, c, l), k = x.shape, weight.shape[1]
     out = torch.empty_like(x)
     win, swb, swc, swl = _window_args(x, initial_window)
@@ -189,8 +192,19 @@ def _fwd(x, weight, bias, initial_window, silu: bool) -> torch.Tensor:
     return out
 
 
-def _bwd(dout, x, weight, bias, initial_window, silu: bool):
-    """Gradients (dx, dweight, dbias or None, dwindow or None) of `_fwd`'s output given dout [b, c, l]."""
+@_fwd.register_fake
+def _(x, weight, bias, initial_window, silu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("zebra::causal_conv1d_bwd", mutates_args=())
+def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         initial_window: torch.Tensor | None, silu: bool
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `_fwd`'s output given dout [b, c, l]: dx (x's dtype and layout), dweight [c, k] (weight's
+    dtype), dbias [c] (bias's dtype), dwindow [b, c, k-1] (the window's dtype and layout). A custom op returns
+    tensors only: without a bias, dbias is an empty [0] tensor in weight's dtype, and without a window dwindow
+    an empty [0] tensor in x's dtype (the autograd Function maps both back to None)."""
     (b, c, l), k = x.shape, weight.shape[1]
     win, swb, swc, swl = _window_args(x, initial_window)
     dpre = torch.empty_like(x, dtype=torch.float32)
@@ -212,8 +226,14 @@ def _bwd(dout, x, weight, bias, initial_window, silu: bool):
         dpre, weight, dx, x if dwin is None else dwin, c, l, *dpre.stride(), *dx.stride(), swb, swc, swl,
         *weight.stride(), K=k, HAS_WINDOW=dwin is not None, BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, num_warps=WARPS,
     )
-    dbias = None if bias is None else db_part.sum(0).to(bias.dtype)
-    return dx, dw_part.sum(0).to(weight.dtype), dbias, dwin
+    dbias = weight.new_empty(0) if bias is None else db_part.sum(0).to(bias.dtype)
+    return dx, dw_part.sum(0).to(weight.dtype), dbias, x.new_empty(0) if dwin is None else dwin
+
+
+@_bwd.register_fake
+def _(dout, x, weight, bias, initial_window, silu):
+    return (torch.empty_like(x), weight.new_empty(weight.shape), weight.new_empty(0) if bias is None else
+            bias.new_empty(bias.shape), x.new_empty(0) if initial_window is None else torch.empty_like(initial_window))
 
 
 class _CausalConv1d(torch.autograd.Function):
@@ -227,7 +247,7 @@ class _CausalConv1d(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias, initial_window = ctx.saved_tensors
         dx, dweight, dbias, dwin = _bwd(dout, x, weight, bias, initial_window, ctx.silu)
-        return dx, dweight, dbias, dwin, None
+        return dx, dweight, None if bias is None else dbias, None if initial_window is None else dwin, None
 
 
 def causal_conv1d_triton(x, weight, bias=None, initial_window=None, activation: str | None = None,

@@ -97,7 +97,9 @@ def _mla_split_kernel(q_ptr, qpe_ptr, lat_ptr, kpe_ptr, starts_ptr, lengths_ptr,
         kpe = tl.load(kpe_ptr + pid_b * skb + offs_t[:, None] * skt + offs_d[None, :] * skd,
                       mask=mask_t[:, None] & mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(lat), input_precision=PRECISION)
-        s = tl.dot(qpe, tl.trans(kpe), acc=s, input_precision=PRECISION) * scale_log2
+        # float32 whatever the caller passed: torch.compile (inductor) hands a Python float in as fp64, which would
+        # make the running max, alpha and so the accumulator fp64 (a tl.dot acc must stay float32)
+        s = (tl.dot(qpe, tl.trans(kpe), acc=s, input_precision=PRECISION) * scale_log2).to(tl.float32)
         s = tl.where(mask_t[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)

@@ -17,9 +17,18 @@ import functools
 import importlib
 import logging
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
+
+# Our Triton kernels, imported up front so that `_load` finds them in sys.modules: torch.compile traces that
+# lookup, where an import inside a compiled forward would break its graph. Without triton, `_load` says why.
+try:
+    import kernels.conv1d  # noqa: F401
+    import kernels.ssd_scan  # noqa: F401
+except ImportError:
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +158,16 @@ def causal_conv1d_step(conv_window, x_t, weight, bias=None):
 
 
 # -- dispatch -------------------------------------------------------------------------------------
-@functools.cache
 def _load(module: str, attr: str):
-    """(function, None) when module.attr imports, else (None, why not)."""
+    """(function, None) when module.attr imports, else (None, why not). A module imported before is read from
+    sys.modules, which torch.compile traces (importlib.import_module would break its graph)."""
+    if module in sys.modules:
+        return getattr(sys.modules[module], attr), None
+    return _import(module, attr)
+
+
+@functools.cache
+def _import(module: str, attr: str):
     try:
         return getattr(importlib.import_module(module), attr), None
     except (ImportError, OSError) as err:
@@ -160,7 +176,10 @@ def _load(module: str, attr: str):
 
 @functools.cache
 def _log_once(message: str) -> None:
-    log.info(message)
+    """Log once per message; skipped under torch.compile (which traces through the cache), where a logging call
+    breaks the graph."""
+    if not torch.compiler.is_compiling():
+        log.info(message)
 
 
 def _choose(op: str, backend: str, x: torch.Tensor, module: str, attr: str, unsupported: str | None = None):

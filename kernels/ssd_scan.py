@@ -9,8 +9,9 @@ Positions past the sequence end load as dt = 0 and x = B = C = 0, which leaves t
 length works without a padded copy. Matrix products run through tl.dot on the inputs' dtype (bf16/fp16, or
 fp32 in full precision, not TF32) and accumulate in float32; decays, states and the final state are float32.
 
-Three layers (STYLE.md): the launchers `_fwd` and `_bwd`, the autograd Function `_SSDScan`, and the public
-`ssd_scan_triton`, which has the signature of the reference.
+Three layers (STYLE.md): the launchers `_fwd` and `_bwd` (torch.library custom ops, so that torch.compile
+keeps each whole instead of tracing into the launches: no graph break), the autograd Function `_SSDScan`, and
+the public `ssd_scan_triton`, which has the signature of the reference.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _chunk_cumsum_kernel(dt_ptr, A_ptr, acum_ptr, seqlen, heads, s_dt_b, s_dt_l,
 def _chunk_state_kernel(
     u_ptr, v_ptr, dt_ptr, acum_ptr, out_ptr, seqlen, heads, group_ratio, P, N, L_PAD,
     s_u_b, s_u_l, s_u_h, s_u_p, s_v_b, s_v_l, s_v_h, s_v_n, s_dt_b, s_dt_l, s_dt_h,
-    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, FORWARD: tl.constexpr,
+    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, FORWARD: tl.constexpr,
 ):
     """out[b, c, h] = sum_t w_t u_t v_t^T [P, N], float32; grid (b * heads, chunks).
 
@@ -66,7 +67,7 @@ def _chunk_state_kernel(
             w = dt * tl.exp(acum_end - acum)
         else:
             w = tl.where(valid, tl.exp(acum), 0.0)
-        acc += tl.dot(tl.trans(u), (v * w[:, None]).to(u.dtype))
+        acc += tl.dot(tl.trans(u), (v * w[:, None]).to(u.dtype), input_precision=DOT_PREC)
     out = out_ptr + (b * tl.num_programs(1) + c) * heads * P * N + h * P * N
     tl.store(out + rp[:, None] * N + rn[None, :], acc, mask=(rp[:, None] < P) & (rn[None, :] < N))
 
@@ -101,7 +102,7 @@ def _chunk_output_kernel(
     x_ptr, B_ptr, C_ptr, dt_ptr, acum_ptr, states_ptr, D_ptr, y_ptr, seqlen, heads, group_ratio, P, N, L_PAD,
     s_x_b, s_x_l, s_x_h, s_x_p, s_B_b, s_B_l, s_B_h, s_B_n, s_C_b, s_C_l, s_C_h, s_C_n, s_dt_b, s_dt_l, s_dt_h,
     s_y_b, s_y_l, s_y_h, s_y_p,
-    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr,
+    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, HAS_D: tl.constexpr,
 ):
     """y for BT positions t of one chunk: inter-chunk exp(acum_t) H_c C_t, intra-chunk masked-decay
     (C B^T) xdt, and D x; grid (b * heads, chunks * Q / BT)."""
@@ -120,7 +121,7 @@ def _chunk_output_kernel(
     acum_t = tl.load(acum_ptr + t)
     H = tl.load(states_ptr + ((b * (L_PAD // Q) + c) * heads + h) * P * N + rp[:, None] * N + rn[None, :],
                 mask=(rp[:, None] < P) & nmask, other=0.0)
-    acc = tl.dot(cc, tl.trans(H.to(cc.dtype))) * tl.exp(acum_t)[:, None]
+    acc = tl.dot(cc, tl.trans(H.to(cc.dtype)), input_precision=DOT_PREC) * tl.exp(acum_t)[:, None]
     for s0 in range(0, t0 + BT, BT):
         s = c * Q + s0 + rt
         valid = s < seqlen
@@ -129,8 +130,8 @@ def _chunk_output_kernel(
         dt = tl.load(dt_ptr + s * s_dt_l, mask=valid, other=0.0).to(tl.float32)
         causal = (t0 + rt)[:, None] >= (s0 + rt)[None, :]
         decay = tl.exp(tl.where(causal, acum_t[:, None] - tl.load(acum_ptr + s)[None, :], float("-inf")))
-        m = tl.dot(cc, tl.trans(bs)) * decay * dt[None, :]
-        acc += tl.dot(m.to(xs.dtype), xs)
+        m = tl.dot(cc, tl.trans(bs), input_precision=DOT_PREC) * decay * dt[None, :]
+        acc += tl.dot(m.to(xs.dtype), xs, input_precision=DOT_PREC)
     mask = (t[:, None] < seqlen) & pmask
     if HAS_D:
         xt = tl.load(x_ptr + t[:, None] * s_x_l, mask=mask, other=0.0).to(tl.float32)
@@ -170,7 +171,7 @@ def _chunk_bwd_dc_kernel(
     P, N, L_PAD,
     s_x_b, s_x_l, s_x_h, s_x_p, s_B_b, s_B_l, s_B_h, s_B_n, s_C_b, s_C_l, s_C_h, s_C_n, s_dt_b, s_dt_l, s_dt_h,
     s_dy_b, s_dy_l, s_dy_h, s_dy_p,
-    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """For BT positions t of one chunk, as readers: dC_t [b, l, h, n] (per head) and the part of
     dL/d acum_t where t is the reading position, dacum[b, h, t]; grid (b * heads, chunks * Q / BT)."""
@@ -192,7 +193,7 @@ def _chunk_bwd_dc_kernel(
     acum_t = tl.load(acum_ptr + t)
     H = tl.load(states_ptr + ((b * (L_PAD // Q) + c) * heads + h) * P * N + rp[:, None] * N + rn[None, :],
                 mask=(rp[:, None] < P) & nmask, other=0.0)
-    dc = tl.dot(dy, H.to(dy.dtype)) * tl.exp(acum_t)[:, None]
+    dc = tl.dot(dy, H.to(dy.dtype), input_precision=DOT_PREC) * tl.exp(acum_t)[:, None]
     dacum = tl.sum(dc * cc.to(tl.float32), axis=1)  # dy_t . (exp(acum_t) H_c C_t)
     for s0 in range(0, t0 + BT, BT):
         s = c * Q + s0 + rt
@@ -202,9 +203,9 @@ def _chunk_bwd_dc_kernel(
         dt = tl.load(dt_ptr + s * s_dt_l, mask=valid, other=0.0).to(tl.float32)
         causal = (t0 + rt)[:, None] >= (s0 + rt)[None, :]
         decay = tl.exp(tl.where(causal, acum_t[:, None] - tl.load(acum_ptr + s)[None, :], float("-inf")))
-        dm = tl.dot(dy, tl.trans(xs.to(dy.dtype))) * (dt[None, :] * decay)  # dy_t . xdt_s, masked decay
-        dc += tl.dot(dm.to(bs.dtype), bs)
-        dacum += tl.sum(dm * tl.dot(cc, tl.trans(bs)), axis=1)
+        dm = tl.dot(dy, tl.trans(xs.to(dy.dtype)), input_precision=DOT_PREC) * (dt[None, :] * decay)  # dy_t . xdt_s, masked decay
+        dc += tl.dot(dm.to(bs.dtype), bs, input_precision=DOT_PREC)
+        dacum += tl.sum(dm * tl.dot(cc, tl.trans(bs), input_precision=DOT_PREC), axis=1)
     tl.store(dC_ptr + ((b * seqlen + t[:, None]) * heads + h) * N + rn[None, :], dc, mask=tvalid & nmask)
     tl.store(dacum_ptr + bh * L_PAD + t, dacum)
 
@@ -215,7 +216,7 @@ def _chunk_bwd_dx_kernel(
     dx_ptr, dB_ptr, dacum_ptr, r_ptr, ddt_ptr, dD_ptr, seqlen, heads, group_ratio, P, N, L_PAD,
     s_x_b, s_x_l, s_x_h, s_x_p, s_B_b, s_B_l, s_B_h, s_B_n, s_C_b, s_C_l, s_C_h, s_C_n, s_dt_b, s_dt_l, s_dt_h,
     s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_dx_b, s_dx_l, s_dx_h, s_dx_p,
-    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr,
+    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, HAS_D: tl.constexpr,
 ):
     """For BT positions s of one chunk, as writers: dx, dB [b, l, h, n] (per head), and per position the part of
     dL/d acum_s where s writes (dacum), r_s = xdt_s . dL/dxdt_s through S_c (which dL/d acum_end gains),
@@ -239,10 +240,10 @@ def _chunk_bwd_dx_kernel(
     dS = tl.load(dS_ptr + ((b * (L_PAD // Q) + c) * heads + h) * P * N + rp[None, :] * N + rn[:, None],
                  mask=(rp[None, :] < P) & (rn[:, None] < N), other=0.0)  # dL/dH_{c+1}, transposed: [BN, BP]
     w = tl.exp(tl.load(acum_ptr + c * Q + Q - 1) - acum_s)
-    dxdt = tl.dot(bs, dS.to(bs.dtype)) * w[:, None]
+    dxdt = tl.dot(bs, dS.to(bs.dtype), input_precision=DOT_PREC) * w[:, None]
     xdt = xs.to(tl.float32) * dt[:, None]
     r = tl.sum(xdt * dxdt, axis=1)
-    db = tl.dot(xdt.to(xs.dtype), tl.trans(dS).to(xs.dtype)) * w[:, None]
+    db = tl.dot(xdt.to(xs.dtype), tl.trans(dS).to(xs.dtype), input_precision=DOT_PREC) * w[:, None]
     dacum = -r
     for t0 in range(s0, Q, BT):
         t = c * Q + t0 + rt
@@ -251,10 +252,10 @@ def _chunk_bwd_dx_kernel(
         dy = tl.load(dy_ptr + t[:, None] * s_dy_l, mask=valid[:, None] & pmask, other=0.0).to(xs.dtype)
         causal = (t0 + rt)[None, :] >= (s0 + rt)[:, None]
         decay = tl.exp(tl.where(causal, tl.load(acum_ptr + t)[None, :] - acum_s[:, None], float("-inf")))
-        cb = tl.dot(bs, tl.trans(ct))  # [s, t] = B_s . C_t
-        dxdt += tl.dot((cb * decay).to(dy.dtype), dy)
-        dm = tl.dot(xs, tl.trans(dy)) * (dt[:, None] * decay)  # [s, t] = xdt_s . dy_t, masked decay
-        db += tl.dot(dm.to(ct.dtype), ct)
+        cb = tl.dot(bs, tl.trans(ct), input_precision=DOT_PREC)  # [s, t] = B_s . C_t
+        dxdt += tl.dot((cb * decay).to(dy.dtype), dy, input_precision=DOT_PREC)
+        dm = tl.dot(xs, tl.trans(dy), input_precision=DOT_PREC) * (dt[:, None] * decay)  # [s, t] = xdt_s . dy_t, masked decay
+        db += tl.dot(dm.to(ct.dtype), ct, input_precision=DOT_PREC)
         dacum -= tl.sum(dm * cb, axis=1)
     dy_s = tl.load(dy_ptr + s[:, None] * s_dy_l, mask=svalid[:, None] & pmask, other=0.0).to(tl.float32)
     dx = dxdt * dt[:, None]
@@ -299,10 +300,13 @@ def _blocks(chunk_size: int, p: int, n: int, dtype: torch.dtype) -> dict:
     """
     return dict(Q=chunk_size, BT=min(BLOCK_T, chunk_size), BP=max(MIN_BLOCK, triton.next_power_of_2(p)),
                 BN=max(MIN_BLOCK, triton.next_power_of_2(n)), num_warps=NUM_WARPS,
-                default_dot_input_precision="ieee" if dtype == torch.float32 else "tf32")
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
-def _fwd(x, dt, A, B, C, chunk_size, D, initial_state):
+@torch.library.custom_op("zebra::ssd_scan_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+         D: torch.Tensor | None, initial_state: torch.Tensor | None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launchers. Shapes as `ssd_scan_triton` -> y [b, l, h, p], final [b, h, p, n],
     acum [b, h, chunks * chunk_size], states [b, chunks, h, p, n] (the state entering each chunk)."""
     (b, l, h, p), g, n = x.shape, B.shape[2], B.shape[3]
@@ -325,8 +329,20 @@ def _fwd(x, dt, A, B, C, chunk_size, D, initial_state):
     return y, final, acum, states
 
 
-def _bwd(dy, dfinal, x, dt, A, B, C, D, acum, states, chunk_size):
-    """Backward launchers: -> dx, ddt, dA, dB, dC, dD (or None), dinit [b, h, p, n] (float32).
+@_fwd.register_fake
+def _(x, dt, A, B, C, chunk_size, D, initial_state):
+    (b, l, h, p), n, f32 = x.shape, B.shape[3], torch.float32
+    chunks = triton.cdiv(l, chunk_size)
+    return (torch.empty_like(x), x.new_empty(b, h, p, n, dtype=f32), x.new_empty(b, h, chunks * chunk_size, dtype=f32),
+            x.new_empty(b, chunks, h, p, n, dtype=f32))
+
+
+@torch.library.custom_op("zebra::ssd_scan_bwd", mutates_args=())
+def _bwd(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+         B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, acum: torch.Tensor, states: torch.Tensor,
+         chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """Backward launchers: -> dx, ddt, dA, dB, dC, dD (in A's dtype without D), dinit [b, h, p, n] (float32).
     dB, dC are summed over the heads of each group and returned in B's dtype (B and C share it)."""
     (b, l, h, p), g, n = x.shape, B.shape[2], B.shape[3]
     chunks, l_pad, blk = triton.cdiv(l, chunk_size), acum.shape[-1], _blocks(chunk_size, p, n, x.dtype)
@@ -357,8 +373,15 @@ def _bwd(dy, dfinal, x, dt, A, B, C, D, acum, states, chunk_size):
         *ddt.stride(), Q=chunk_size, BLOCK_DEND=triton.next_power_of_2(n_blk))
     if g != h:
         dB, dC = (t.view(b, l, g, h // g, n).sum(3).to(B.dtype) for t in (dB, dC))
-    dD = None if D is None else dD.sum((0, 2)).to(D.dtype)
+    dD = dD.sum((0, 2)).to(A.dtype if D is None else D.dtype)
     return dx, ddt.to(dt.dtype), dA.sum((0, 2)).to(A.dtype), dB, dC, dD, dinit
+
+
+@_bwd.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, acum, states, chunk_size):
+    (b, l, h, p), n = x.shape, B.shape[3]
+    return (torch.empty_like(x), dt.new_empty(b, l, h), A.new_empty(h), B.new_empty(B.shape), C.new_empty(C.shape),
+            (A if D is None else D).new_empty(h), x.new_empty(b, h, p, n, dtype=torch.float32))
 
 
 # -- autograd and the public function -------------------------------------------------------------
@@ -375,7 +398,7 @@ class _SSDScan(torch.autograd.Function):
         x, dt, A, B, C, D, acum, states = ctx.saved_tensors
         dx, ddt, dA, dB, dC, dD, dinit = _bwd(dy, dfinal, x, dt, A, B, C, D, acum, states, ctx.chunk_size)
         dinit = None if ctx.init_dtype is None else dinit.to(ctx.init_dtype)
-        return dx, ddt, dA, dB, dC, None, dD, dinit
+        return dx, ddt, dA, dB, dC, None, None if D is None else dD, dinit
 
 
 def ssd_scan_triton(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):

@@ -94,6 +94,20 @@ def test_conv_kernel_chunks_chain_through_the_window_small():
     assert err < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("with_bias, with_window", [(True, True), (False, False)])
+def test_custom_ops_pass_opcheck(with_bias, with_window):
+    """The registered fakes (shapes, strides, dtypes) and schemas of the conv's ops agree with the kernels'
+    real results, on a channel-last x (the mixer's layout) with and without the optional inputs."""
+    x, weight, bias, window = (None if t is None else t.detach()
+                               for t in conv_inputs(2, 6, 11, 4, torch.float32, DEVICE, with_bias, with_window, True))
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.zebra.causal_conv1d_fwd.default, (x, weight, bias, window, True), test_utils=utils)
+    out = torch.ops.zebra.causal_conv1d_fwd(x, weight, bias, window, True)
+    assert out.stride() == x.stride()
+    bwd_args = (torch.randn_like(out), x, weight, bias, window, True)
+    torch.library.opcheck(torch.ops.zebra.causal_conv1d_bwd.default, bwd_args, test_utils=utils)
+
+
 def test_conv_kernel_rejects_bad_arguments():
     x, weight = torch.randn(1, 4, 5), torch.randn(4, 3)
     with pytest.raises(ValueError, match="activation must be one of"):

@@ -1,0 +1,221 @@
+"""Mamba2's gated RMSNorm, out = RMSNorm(y * silu(z)) * weight with the RMS taken per group of channels:
+a plain-PyTorch reference, Triton kernels (forward and backward) and one dispatch point.
+
+For each row m and group j of `group_size` consecutive channels (g = y * silu(z) on that group):
+    rstd[m, j] = 1 / sqrt(mean(g^2) + eps)        out = g * rstd * weight
+This is mamba_ssm's RMSNormGated with norm_before_gate=False. The kernels read y and z in their own dtype
+(bfloat16 under autocast), compute in float32 and write the output in y's dtype, so no float32 copy of a
+[batch, seq, dim] tensor is ever made; the backward recomputes g from y and z and needs only rstd.
+
+Three layers (STYLE.md): the launchers `_fwd` and `_bwd`, registered as torch.library custom ops (so
+torch.compile keeps them whole, with no graph break) with their autograd formula, and the dispatch point
+`gated_rms_norm`, which picks the kernel on CUDA and `gated_rms_norm_ref` elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "cuda", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_M = 32  # rows per tile
+ROW_STEPS = 16  # tiles per program: the weight gradient has one partial sum per program and group
+
+
+def gated_rms_norm_ref(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                       eps: float) -> torch.Tensor:
+    """y, z [..., dim], weight [dim], group_size dividing dim -> [..., dim] in y's dtype (computed in at least
+    float32)."""
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    g = (y.to(dtype) * torch.nn.functional.silu(z.to(dtype))).unflatten(-1, (-1, group_size))
+    g = g * torch.rsqrt(g.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (g.flatten(-2) * weight.to(dtype)).to(y.dtype)
+
+
+# -- kernels --------------------------------------------------------------------------------------
+@triton.jit
+def _load_gate(y_ptr, z_ptr, rows, cols, M, s_y, s_z, mask_c):
+    """g = y * silu(z), y and z (float32 [BLOCK_M, BLOCK_N]) at rows, cols; 0 outside."""
+    mask = (rows < M)[:, None] & mask_c[None, :]
+    y = tl.load(y_ptr + rows[:, None] * s_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * s_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(z)
+    return y * z * sig, y, z, sig
+
+
+@triton.jit
+def _fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, M, G, GS, s_y, s_z, s_out, eps,
+                STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Group j of STEPS * BLOCK_M rows; grid (G, cdiv(M, STEPS * BLOCK_M)). rstd [M, G] float32."""
+    j, pid = tl.program_id(0), tl.program_id(1)
+    rn = tl.arange(0, BLOCK_N)
+    mask_c = rn < GS
+    cols = j * GS + rn
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    for step in range(STEPS):
+        rows = (pid * STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+        g, y, z, sig = _load_gate(y_ptr, z_ptr, rows, cols, M, s_y, s_z, mask_c)
+        rstd = 1.0 / tl.sqrt(tl.sum(g * g, axis=1) / GS + eps)
+        out = g * rstd[:, None] * w[None, :]
+        tl.store(out_ptr + rows[:, None] * s_out + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(rows < M)[:, None] & mask_c[None, :])
+        tl.store(rstd_ptr + rows * G + j, rstd, mask=rows < M)
+
+
+@triton.jit
+def _bwd_kernel(dout_ptr, y_ptr, z_ptr, w_ptr, rstd_ptr, dy_ptr, dz_ptr, dw_part_ptr, M, G, GS,
+                s_dout, s_y, s_z, s_dy, s_dz,
+                STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gradients of `_fwd_kernel`'s tile of rows: dy, dz, and this program's partial sum of dweight
+    (dw_part [programs along M, dim], float32); grid as the forward's."""
+    j, pid = tl.program_id(0), tl.program_id(1)
+    rn = tl.arange(0, BLOCK_N)
+    mask_c = rn < GS
+    cols = j * GS + rn
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(STEPS):
+        rows = (pid * STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & mask_c[None, :]
+        g, y, z, sig = _load_gate(y_ptr, z_ptr, rows, cols, M, s_y, s_z, mask_c)
+        rstd = tl.load(rstd_ptr + rows * G + j, mask=rows < M, other=0.0)
+        dout = tl.load(dout_ptr + rows[:, None] * s_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        n = g * rstd[:, None]
+        dw += dout * n
+        dn = dout * w[None, :]
+        dg = rstd[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / GS)[:, None])
+        tl.store(dy_ptr + rows[:, None] * s_dy + cols[None, :], (dg * z * sig).to(dy_ptr.dtype.element_ty), mask=mask)
+        dz = dg * y * sig * (1.0 + z * (1.0 - sig))
+        tl.store(dz_ptr + rows[:, None] * s_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + pid * G * GS + cols, tl.sum(dw, axis=0), mask=mask_c)
+
+
+# -- launchers as custom ops ----------------------------------------------------------------------
+def _grid(m: int, groups: int) -> tuple[int, int]:
+    return groups, triton.cdiv(m, ROW_STEPS * BLOCK_M)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [m, dim] with unit stride along dim (a copy only when t lacks it)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("zebra::gated_rms_norm_fwd", mutates_args=())
+def _fwd(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y, z [m, dim] (rows of any stride), weight [dim] -> out [m, dim] in y's dtype, rstd [m, dim // group_size]
+    float32."""
+    (m, dim), groups = y.shape, y.shape[1] // group_size
+    y, z = _rows(y), _rows(z)
+    out = torch.empty(m, dim, device=y.device, dtype=y.dtype)
+    rstd = torch.empty(m, groups, device=y.device, dtype=torch.float32)
+    _fwd_kernel[_grid(m, groups)](y, z, weight, out, rstd, m, groups, group_size, y.stride(0), z.stride(0),
+                                  out.stride(0), eps, STEPS=ROW_STEPS, BLOCK_M=BLOCK_M,
+                                  BLOCK_N=triton.next_power_of_2(group_size))
+    return out, rstd
+
+
+@_fwd.register_fake
+def _(y, z, weight, group_size, eps):
+    return torch.empty_like(y, memory_format=torch.contiguous_format), y.new_empty(
+        y.shape[0], y.shape[1] // group_size, dtype=torch.float32)
+
+
+@torch.library.custom_op("zebra::gated_rms_norm_bwd", mutates_args=())
+def _bwd(dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+         group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients dy [m, dim] (y's dtype), dz [m, dim] (z's dtype), dweight [dim] (weight's dtype) given
+    dout [m, dim] and the forward's rstd."""
+    (m, dim), groups = y.shape, y.shape[1] // group_size
+    dout, y, z = _rows(dout), _rows(y), _rows(z)
+    dy = torch.empty(m, dim, device=y.device, dtype=y.dtype)
+    dz = torch.empty(m, dim, device=y.device, dtype=z.dtype)
+    grid = _grid(m, groups)
+    dw_part = torch.empty(grid[1], dim, device=y.device, dtype=torch.float32)
+    _bwd_kernel[grid](dout, y, z, weight, rstd, dy, dz, dw_part, m, groups, group_size, dout.stride(0),
+                      y.stride(0), z.stride(0), dy.stride(0), dz.stride(0), STEPS=ROW_STEPS, BLOCK_M=BLOCK_M,
+                      BLOCK_N=triton.next_power_of_2(group_size))
+    return dy, dz, dw_part.sum(0).to(weight.dtype)
+
+
+@_bwd.register_fake
+def _(dout, y, z, weight, rstd, group_size):
+    return (torch.empty_like(y, memory_format=torch.contiguous_format),
+            torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(weight))
+
+
+def _setup_context(ctx, inputs, output):
+    y, z, weight, group_size, _ = inputs
+    ctx.save_for_backward(y, z, weight, output[1])
+    ctx.group_size = group_size
+
+
+def _backward(ctx, dout, _drstd):
+    y, z, weight, rstd = ctx.saved_tensors
+    dy, dz, dweight = _bwd(dout, y, z, weight, rstd, ctx.group_size)
+    return dy, dz, dweight, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                          eps: float) -> torch.Tensor:
+    """Same arguments and result as `gated_rms_norm_ref`, by the Triton kernels (float32 inside);
+    differentiable in y, z and weight."""
+    dim = y.shape[-1]
+    if z.shape != y.shape or weight.shape != (dim,) or dim % group_size:
+        raise ValueError(f"gated_rms_norm: need y, z [..., dim], weight [dim] and group_size dividing dim; got "
+                         f"y {tuple(y.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}, "
+                         f"group_size {group_size}")
+    out, _ = _fwd(y.reshape(-1, dim), z.reshape(-1, dim), weight, group_size, eps)
+    return out.view(y.shape)
+
+
+# -- dispatch -------------------------------------------------------------------------------------
+@functools.cache
+def _log_cached(message: str) -> None:
+    log.info(message)
+
+
+def _log_once(message: str) -> None:
+    """Log once per message; skipped under torch.compile, where a logging call breaks the graph."""
+    if not torch.compiler.is_compiling():
+        _log_cached(message)
+
+
+def _unsupported(y: torch.Tensor, backend: str) -> str | None:
+    """Why the Triton kernel cannot take this call (None when it can). Besides CUDA, backend "triton" runs it on
+    CPU tensors under TRITON_INTERPRET=1."""
+    if not (y.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return f"tensors are on {y.device.type}"
+    if y.dtype not in KERNEL_DTYPES:
+        return f"dtype {y.dtype} has no kernel"
+    return None
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+                   backend: str = "auto") -> torch.Tensor:
+    """RMSNorm(y * silu(z)) * weight per group of `group_size` channels; the one dispatch point between the
+    Triton kernels and `gated_rms_norm_ref`.
+
+    y, z [..., dim], weight [dim] -> [..., dim] in y's dtype. backend (ZebraConfig.mamba_backend) "auto" and
+    "cuda": the kernel on CUDA, else the reference; "triton": the kernel or an error; "torch": the reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"gated_rms_norm: backend must be one of {BACKENDS}, got {backend!r}")
+    reason = "backend='torch'" if backend == "torch" else _unsupported(y, backend)
+    if reason is None:
+        _log_once("gated_rms_norm: Triton kernel kernels.norm.gated_rms_norm_triton")
+        return gated_rms_norm_triton(y, z, weight, group_size, eps)
+    if backend == "triton":
+        raise RuntimeError(f"gated_rms_norm: backend='triton' but {reason}; use 'auto' or 'torch'")
+    _log_once(f"gated_rms_norm: PyTorch reference ({reason})")
+    return gated_rms_norm_ref(y, z, weight, group_size, eps)
