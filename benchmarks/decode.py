@@ -1,12 +1,28 @@
 """Decode throughput and memory of a hybrid against its teacher, side by side.
 
-For each context length: the same random prompt batch [batch, context] goes through each model's
-cached decode loop (prefill, then `--gen` greedy steps); we record decode tokens/s, peak memory,
-the bytes the cache holds (measured, and by zebra.kv's formula), and the largest batch that fits
-`--budget-gib`: by binary search on a CUDA device, or computed on CPU as
-(budget - weights) / cache bytes per sequence. Prints a table of hybrid/teacher ratios and writes JSON.
+Fixed batch, for each context length: the same random prompt batch [batch, context] goes through
+  - each model's cached loop (prefill, then `--gen` greedy steps; teacher DynamicCache, hybrid ZebraCache),
+  - HF generate (teacher with its static cache, hybrid with its static ZebraCache; HF compiles the step
+    on CUDA unless --no-hf-compile),
+  - the hybrid's zebra.decode.Decoder (static cache, chunked prefill, CUDA-graph step on CUDA);
+we record decode tokens/s, peak memory and the bytes the cache holds (measured, and by zebra.kv's formula).
 
-    python -m benchmarks.decode --teacher DIR --hybrid DIR --contexts 512 2048 8192 --gen 128
+Max batch, for each context: the largest batch whose cache (context + gen tokens a row), weights and one
+decode step fit `--budget-gib` (the same budget for both): searched by real allocations on CUDA (doubling,
+then bisection), computed from the cache bytes on CPU. Then decode tokens/s at that batch: the teacher
+through HF generate on a StaticCache of context + gen tokens (its attention spans the whole static cache
+whatever the prompt, so a 1-token prompt costs what a full one would), the hybrid through the Decoder with
+every row's length set to `context` (the MLA decode kernel reads exactly that many tokens). No real
+prefill there: a serving engine admits prompts chunk by chunk, and at these batches a full prefill takes
+minutes.
+
+MLA decode kernel: bytes moved per second by kernels.decode.mla_decode at `--kernel-batch` rows of the
+longest context, against the device-to-device copy bandwidth measured in the same run.
+
+Prints tables of hybrid/teacher ratios and writes JSON.
+
+    python -m benchmarks.decode --teacher DIR --hybrid DIR --contexts 1024 16384 --batch 16 --gen 64
+    python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64   # random weights
     python -m benchmarks.decode --tiny          # random tiny pair on CPU: a smoke run, seconds
 """
 from __future__ import annotations
@@ -18,13 +34,20 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import zebra  # noqa: F401  registers the Auto classes that load() relies on
+from kernels.decode import mla_decode
+from zebra.cache import ZebraCache
 from zebra.convert import convert, hybrid_config
+from zebra.decode import Decoder
 from zebra.kv import kv_bytes_per_token, state_bytes_per_sequence
 
 log = logging.getLogger("benchmarks.decode")
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+               tie_word_embeddings=True)
 
 
 def tiny_pair(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -37,8 +60,19 @@ def tiny_pair(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     return teacher, hybrid
 
 
+def smollm2_pair(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A random SmolLM2-135M-shaped Llama and its 3-MLA/27-Mamba2 hybrid (the shapes of notes/GPU.md)."""
+    torch.manual_seed(seed)
+    teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).eval()
+    return teacher, convert(teacher, hybrid_config(teacher.config, [0, 14, 29], kv_rank=128, qk_rope_dim=32))
+
+
 def load(path: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def is_hybrid(model) -> bool:
+    return getattr(model.config, "model_type", None) == "zebra"
 
 
 def cache_bytes(cache) -> int:
@@ -64,29 +98,85 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+def bytes_per_sequence(model, length: int) -> int:
+    """Cache bytes of one sequence of `length` tokens by zebra.kv's formula, in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    return kv_bytes_per_token(model.config, dtype) * length + state_bytes_per_sequence(model.config, dtype)
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
-def decode(model, ids: torch.Tensor, gen: int) -> tuple[float, float, object]:
-    """Prefill ids [batch, context], then `gen` greedy steps; (prefill s, decode s, final cache)."""
-    device = str(ids.device)
+def _timed(fn, device) -> tuple[float, object]:
+    """(seconds, result) of fn(), the device synchronised before and after."""
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    result = fn()
     _sync(device)
-    prefill = time.perf_counter() - start
-    for _ in range(gen):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    _sync(device)
-    return prefill, time.perf_counter() - start - prefill, out.past_key_values
+    return time.perf_counter() - start, result
+
+
+# -- the three decode paths at a fixed batch ------------------------------------------------------
+@torch.inference_mode()
+def decode(model, ids: torch.Tensor, gen: int) -> tuple[float, float, object]:
+    """Prefill ids [batch, context], then `gen` greedy steps through model forward; (prefill s, decode s, cache).
+    The hybrid gets a ZebraCache sized for context + gen tokens, the teacher HF's default (dynamic) cache."""
+    batch, context = ids.shape
+    cache = None
+    if is_hybrid(model):
+        cache = ZebraCache(model.config, batch, context + gen, ids.device, next(model.parameters()).dtype)
+    prefill, out = _timed(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                          ids.device)
+
+    def steps():
+        nonlocal out
+        for _ in range(gen):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        return out.past_key_values
+
+    seconds, cache = _timed(steps, ids.device)
+    return prefill, seconds, cache
+
+
+@torch.no_grad()
+def decoder_decode(decoder: Decoder, ids: torch.Tensor, gen: int) -> tuple[float, float]:
+    """The Decoder's chunked prefill of ids [batch, context] into rows 0.., then `gen` greedy steps;
+    (prefill s, decode s)."""
+    prefill, logits = _timed(lambda: decoder.prefill_rows(ids), ids.device)
+
+    def steps():
+        nonlocal logits
+        for _ in range(gen):
+            logits = decoder.step(logits.argmax(-1))
+
+    return prefill, _timed(steps, ids.device)[0]
+
+
+def hf_generate(model, ids: torch.Tensor, gen: int, compile: bool, cache=None) -> float:
+    """Seconds of model.generate(ids, gen greedy tokens): the teacher on a StaticCache (`cache`, or HF's
+    static cache_implementation), the hybrid on its ZebraCache."""
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=gen, do_sample=False, pad_token_id=0,
+              eos_token_id=None, disable_compile=not compile)
+    if cache is not None:
+        kw["past_key_values"] = cache
+    elif not is_hybrid(model):
+        kw["cache_implementation"] = "static"
+    return _timed(lambda: model.generate(ids, **kw), ids.device)[0]
+
+
+def generate_rate(model, ids: torch.Tensor, gen: int, repeats: int, compile: bool) -> dict:
+    """Decode tokens/s through HF generate: (batch x (gen - 1)) / (time of gen tokens - time of 1 token),
+    the fastest of `repeats` (the first call also compiles the step on CUDA)."""
+    one = min(hf_generate(model, ids, 1, compile) for _ in range(repeats))
+    full = min(hf_generate(model, ids, gen, compile) for _ in range(repeats))
+    return {"generate_s": full, "prefill_s": one, "decode_tokens_per_s": ids.shape[0] * (gen - 1) / max(full - one, 1e-9)}
 
 
 def measure(model, ids: torch.Tensor, gen: int, repeats: int) -> dict:
-    """The fastest of `repeats` decode runs: tokens/s, peak memory (CUDA: allocator peak; CPU:
+    """The fastest of `repeats` cached-loop runs: tokens/s, peak memory (CUDA: allocator peak; CPU:
     weights + cache) and cache bytes."""
     device = str(ids.device)
     if device.startswith("cuda"):
@@ -96,33 +186,41 @@ def measure(model, ids: torch.Tensor, gen: int, repeats: int) -> dict:
     held = cache_bytes(cache)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else weight_bytes(model) + held
     batch, context = ids.shape
-    dtype = next(model.parameters()).dtype
-    formula = batch * (kv_bytes_per_token(model.config, dtype) * (context + gen)
-                       + state_bytes_per_sequence(model.config, dtype))
     return {"prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens_per_s": batch * gen / decode_s,
             "peak_bytes": peak, "peak_is": "cuda allocator peak" if device.startswith("cuda") else "weights + cache",
-            "cache_bytes": held, "cache_bytes_formula": formula}
+            "cache_bytes": held, "cache_bytes_formula": batch * bytes_per_sequence(model, context + gen)}
 
 
-def max_batch(model, context: int, gen: int, budget: int, measured: dict, batch: int, device: str,
-              search: bool = False) -> int:
-    """Largest batch whose run at this context fits `budget` bytes: searched by real runs on CUDA when
-    `search` (each probe prefills the whole batch: minutes at long contexts), else from the cache size."""
-    if not (search and device.startswith("cuda")):
-        per_sequence = measured["cache_bytes"] / batch
-        return max(int((budget - weight_bytes(model)) // per_sequence), 0)
-    return _largest_fitting(lambda b: _fits(model, b, context, gen, budget, device))
+def measure_decoder(hybrid, ids: torch.Tensor, gen: int, repeats: int) -> dict:
+    """The Decoder path: the fastest of `repeats` runs after a warm-up run (which captures the graph)."""
+    batch, context = ids.shape
+    decoder = Decoder(hybrid, batch, context + gen)
+    decoder_decode(decoder, ids, 2)
+    prefill_s, decode_s = min((decoder_decode(decoder, ids, gen) for _ in range(repeats)), key=lambda run: run[1])
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens_per_s": batch * gen / decode_s,
+            "graphs": decoder.graphs, "cache_bytes": decoder.cache.nbytes()}
 
 
-def _fits(model, batch: int, context: int, gen: int, budget: int, device: str) -> bool:
+# -- max batch under one memory budget ------------------------------------------------------------
+def analytic_max_batch(model, length: int, budget: int) -> int:
+    """(budget - weights) // cache bytes of one sequence of `length` tokens."""
+    return max(int((budget - weight_bytes(model)) // bytes_per_sequence(model, length)), 0)
+
+
+@torch.no_grad()
+def _fits(model, batch: int, context: int, gen: int, budget: int) -> bool:
+    """Do the weights, a cache of `batch` rows x (context + gen) tokens and one decode step fit `budget` bytes?
+    (CUDA allocator peak above what was resident before, i.e. other models' weights not counted.)"""
     torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(0, model.config.vocab_size, (batch, context + gen - 1), device=device)
     try:
-        decode(model, ids, 1)  # the cache at its final length, plus one decode step
+        _synthetic(model, batch, context, gen)(1)
     except torch.cuda.OutOfMemoryError:
         return False
-    return torch.cuda.max_memory_allocated() <= budget
+    finally:
+        torch.cuda.empty_cache()
+    return torch.cuda.max_memory_allocated() - resident + weight_bytes(model) <= budget
 
 
 def _largest_fitting(fits, limit: int = 1 << 16) -> int:
@@ -139,41 +237,168 @@ def _largest_fitting(fits, limit: int = 1 << 16) -> int:
     return low
 
 
+def _synthetic(model, batch: int, context: int, gen: int, compile: bool = False):
+    """A function steps(n) -> seconds of n greedy decode steps of `batch` rows at `context` tokens each, on a
+    cache sized for context + gen (see the module docstring: no real prefill). The teacher's steps run in HF
+    generate on a StaticCache: a 1-token prompt then n tokens, less the time of the 1-token prompt alone."""
+    device = next(model.parameters()).device
+    tokens = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
+    if is_hybrid(model):
+        decoder = Decoder(model, batch, context + gen, buckets=[batch])
+
+        def steps(n: int) -> float:
+            decoder.cache.lengths.fill_(context)
+            return _timed(lambda: [decoder.step(tokens[:, 0]) for _ in range(n)], device)[0]
+
+        return steps
+    cache = StaticCache(config=model.config, max_cache_len=context + gen)
+
+    def generate(new: int) -> float:
+        cache.reset()
+        return hf_generate(model, tokens, new, compile, cache=cache)
+
+    return lambda n: generate(n + 1) - generate(1)
+
+
+def _decode_rate(model, batch: int, context: int, gen: int, hf_compile: bool, result: dict) -> int:
+    """Fill result["decode_tokens_per_s"] at `batch` rows, or at 10% fewer each time the timed run (graph pool and
+    the other model's weights on top of what the search measured) does not fit; returns the batch that ran."""
+    while batch:
+        try:
+            steps = _synthetic(model, batch, context, gen, hf_compile)
+            steps(2)  # warm-up: captures the hybrid's graph, compiles the teacher's step where HF does
+            result["decode_tokens_per_s"] = batch * gen / min(steps(gen) for _ in range(2))
+            result["run_batch"] = batch
+            return batch
+        except torch.cuda.OutOfMemoryError:
+            steps = None
+            torch.cuda.empty_cache()
+            batch = int(batch * 0.9)
+    return 0
+
+
+def max_batch_row(teacher, hybrid, context: int, gen: int, budget: int, device: str, hf_compile: bool,
+                  cap: int | None) -> dict:
+    """Each model's largest batch under `budget` (searched on CUDA, analytic on CPU) and its decode tokens/s
+    there (at most at batch `cap`)."""
+    row = {"context": context, "gen": gen, "budget_bytes": budget}
+    for name, model in (("teacher", teacher), ("hybrid", hybrid)):
+        if device.startswith("cuda"):
+            batch = _largest_fitting(lambda b: _fits(model, b, context, gen, budget))
+            method = "search"
+        else:
+            batch, method = analytic_max_batch(model, context + gen, budget), "analytic"
+        run_batch = min(batch, cap) if cap else batch
+        result = {"max_batch": batch, "method": method, "run_batch": run_batch}
+        if run_batch:
+            run_batch = _decode_rate(model, run_batch, context, gen, hf_compile, result)
+        row[name] = result
+        log.info("context %d: %s max batch %d (%s), %s tok/s at batch %d", context, name, batch, method,
+                 f"{result['decode_tokens_per_s']:.1f}" if run_batch else "no", run_batch)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    t, h = row["teacher"], row["hybrid"]
+    row["ratios"] = {"max_batch": h["max_batch"] / t["max_batch"] if t["max_batch"] else None,
+                     "decode_tokens_per_s": (h["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+                                             if t.get("decode_tokens_per_s") and h.get("decode_tokens_per_s") else None)}
+    return row
+
+
+# -- MLA decode kernel against copy bandwidth -----------------------------------------------------
+def _best_seconds(fn, device, calls: int = 20, repeats: int = 5) -> float:
+    """Seconds per call of fn: the fastest of `repeats` timings of `calls` back-to-back calls (after a warm-up)."""
+    fn()
+    return min(_timed(lambda: [fn() for _ in range(calls)], device)[0] for _ in range(repeats)) / calls
+
+
+@torch.no_grad()
+def kernel_bandwidth(config, batch: int, context: int, device: str, dtype: torch.dtype) -> dict:
+    """Bytes/s of mla_decode over a latent cache [batch, context, kv_rank] + RoPE key [batch, context, rope]
+    (one layer's decode step), and of a device copy of about the same bytes (read + write counted)."""
+    heads, rank, rope = config.num_attention_heads, config.kv_rank, config.qk_rope_dim
+    latent = torch.randn(batch, context, rank, device=device, dtype=dtype)
+    k_pe = torch.randn(batch, context, rope, device=device, dtype=dtype)
+    q_lat, q_pe = (torch.randn(batch, heads, d, device=device, dtype=dtype) for d in (rank, rope))
+    lengths = torch.full((batch,), context, device=device, dtype=torch.long)
+    moved = latent.nbytes + k_pe.nbytes + 2 * q_lat.nbytes + q_pe.nbytes
+    kernel_s = _best_seconds(lambda: mla_decode(q_lat, q_pe, latent, k_pe, lengths, config.attn_scale), device)
+    src = torch.empty(moved, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = _best_seconds(lambda: dst.copy_(src), device)
+    kernel_bps, copy_bps = moved / kernel_s, 2 * moved / copy_s
+    return {"batch": batch, "context": context, "bytes": moved, "kernel_s": kernel_s, "kernel_bytes_per_s": kernel_bps,
+            "copy_bytes_per_s": copy_bps, "fraction_of_copy": kernel_bps / copy_bps}
+
+
+# -- the run --------------------------------------------------------------------------------------
 def run(teacher, hybrid, contexts: list[int], batch: int, gen: int, budget: int, device: str, repeats: int = 3,
-        seed: int = 0, search: bool = False) -> list[dict]:
-    """One row per context: each model's measurements, its max batch, and hybrid/teacher ratios."""
+        seed: int = 0, hf_compile: bool = True, max_batch_cap: int | None = None, save=lambda rows: None) -> list[dict]:
+    """One row per context: each model's cached loop, the hybrid's Decoder, the max-batch row, then HF generate
+    (slowest to start when it compiles) and the ratios. save(rows) is called after each of these phases, so a
+    run stopped by a time limit keeps what it measured."""
     rows = []
-    models = {"teacher": teacher, "hybrid": hybrid}
-    for model in models.values():  # warm-up: kernels, allocator, lazy inits
+    for model in (teacher, hybrid):  # warm-up: kernels, allocator, lazy inits
         decode(model, torch.randint(0, model.config.vocab_size, (batch, 16), device=device), 4)
     for context in contexts:
         ids = torch.randint(0, teacher.config.vocab_size, (batch, context),
                             generator=torch.Generator().manual_seed(seed)).to(device)
         row = {"context": context, "batch": batch, "gen": gen}
-        for name, model in models.items():
-            row[name] = measure(model, ids, gen, repeats)
-            row[name]["max_batch"] = max_batch(model, context, gen, budget, row[name], batch, device, search)
-        row["ratios"] = {key: row["hybrid"][key] / row["teacher"][key] if row["teacher"][key] else None
-                         for key in ("decode_tokens_per_s", "peak_bytes", "cache_bytes", "max_batch")}
         rows.append(row)
+        for name, model in (("teacher", teacher), ("hybrid", hybrid)):
+            row[name] = measure(model, ids, gen, repeats)
+        row["hybrid"]["decoder"] = measure_decoder(hybrid, ids, gen, repeats)
+        log.info("context %d batch %d, decode tok/s: teacher loop %.1f, hybrid loop %.1f, hybrid Decoder %.1f", context,
+                 batch, row["teacher"]["decode_tokens_per_s"], row["hybrid"]["decode_tokens_per_s"],
+                 row["hybrid"]["decoder"]["decode_tokens_per_s"])
+        save(rows)
+        row["max_batch"] = max_batch_row(teacher, hybrid, context, gen, budget, device, hf_compile, max_batch_cap)
+        save(rows)
+        for name, model in (("teacher", teacher), ("hybrid", hybrid)):
+            row[name]["generate"] = generate_rate(model, ids, gen, repeats, hf_compile)
+            log.info("context %d batch %d: %s HF generate %.1f tok/s", context, batch, name,
+                     row[name]["generate"]["decode_tokens_per_s"])
+        t, h = row["teacher"], row["hybrid"]
+        row["ratios"] = {
+            "loop_tokens_per_s": h["decode_tokens_per_s"] / t["decode_tokens_per_s"],
+            "generate_tokens_per_s": h["generate"]["decode_tokens_per_s"] / t["generate"]["decode_tokens_per_s"],
+            "decoder_vs_teacher_generate": h["decoder"]["decode_tokens_per_s"] / t["generate"]["decode_tokens_per_s"],
+            "decoder_vs_teacher_loop": h["decoder"]["decode_tokens_per_s"] / t["decode_tokens_per_s"],
+            "peak_bytes": h["peak_bytes"] / t["peak_bytes"], "cache_bytes": h["cache_bytes"] / t["cache_bytes"]}
+        save(rows)
         log.info("context %d done", context)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table: throughput, memory and max batch of both models and hybrid/teacher ratios."""
-    head = ["context", "tok/s teacher", "tok/s hybrid", "speed-up", "peak MiB teacher", "peak MiB hybrid",
-            "peak ratio", "cache MiB teacher", "cache MiB hybrid", "cache ratio", "max batch teacher",
-            "max batch hybrid", "batch ratio"]
+    """Markdown table at the fixed batch: tokens/s of every path, memory, and hybrid/teacher ratios."""
+    head = ["context", "batch", "teacher loop tok/s", "teacher generate tok/s", "hybrid loop tok/s",
+            "hybrid generate tok/s", "hybrid Decoder tok/s", "Decoder / teacher generate", "Decoder / teacher loop",
+            "peak MiB teacher", "peak MiB hybrid", "cache ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mib = 2.0**20
     for r in rows:
         t, h, q = r["teacher"], r["hybrid"], r["ratios"]
-        cells = [r["context"], f"{t['decode_tokens_per_s']:.1f}", f"{h['decode_tokens_per_s']:.1f}",
-                 f"{q['decode_tokens_per_s']:.2f}x", f"{t['peak_bytes'] / mib:.1f}", f"{h['peak_bytes'] / mib:.1f}",
-                 f"{q['peak_bytes']:.3f}", f"{t['cache_bytes'] / mib:.2f}", f"{h['cache_bytes'] / mib:.2f}",
-                 f"{q['cache_bytes']:.3f}", t["max_batch"], h["max_batch"],
-                 "n/a" if q["max_batch"] is None else f"{q['max_batch']:.2f}x"]
+        cells = [r["context"], r["batch"], f"{t['decode_tokens_per_s']:.1f}", f"{t['generate']['decode_tokens_per_s']:.1f}",
+                 f"{h['decode_tokens_per_s']:.1f}", f"{h['generate']['decode_tokens_per_s']:.1f}",
+                 f"{h['decoder']['decode_tokens_per_s']:.1f}", f"{q['decoder_vs_teacher_generate']:.2f}x",
+                 f"{q['decoder_vs_teacher_loop']:.2f}x", f"{t['peak_bytes'] / mib:.1f}", f"{h['peak_bytes'] / mib:.1f}",
+                 f"{q['cache_bytes']:.3f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def max_batch_table(rows: list[dict]) -> str:
+    """Markdown table: the largest batch under the budget for each model and tokens/s there."""
+    head = ["context", "budget GiB", "method", "max batch teacher", "max batch hybrid", "batch ratio",
+            "teacher tok/s (generate)", "hybrid tok/s (Decoder)", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in (row["max_batch"] for row in rows):
+        t, h, q = r["teacher"], r["hybrid"], r["ratios"]
+        fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
+        run = lambda m: f"{m['max_batch']}" + (f" (ran {m['run_batch']})" if m["run_batch"] != m["max_batch"] else "")  # noqa: E731
+        cells = [r["context"], f"{r['budget_bytes'] / 2**30:.2f}", t["method"], run(t), run(h),
+                 fmt(q["max_batch"], ".2f") + "x", fmt(t.get("decode_tokens_per_s"), ".1f"),
+                 fmt(h.get("decode_tokens_per_s"), ".1f"), fmt(q["decode_tokens_per_s"], ".2f") + "x"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -183,40 +408,59 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", help="teacher checkpoint folder")
     p.add_argument("--hybrid", help="hybrid checkpoint folder")
     p.add_argument("--tiny", action="store_true", help="use a random tiny teacher and its hybrid (CPU smoke run)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192], help="prompt lengths")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--gen", type=int, default=128, help="tokens generated per sequence")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest counts")
-    p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the max batch (default: "
-                   "the device's total memory on CUDA, 4 GiB on CPU)")
-    p.add_argument("--search-batch", action="store_true", help="find the max batch by real runs on CUDA "
-                   "(slow) instead of (budget - weights) / cache bytes per sequence")
+    p.add_argument("--random", choices=["smollm2"], help="a random teacher of this shape and its hybrid")
+    p.add_argument("--contexts", type=int, nargs="+", default=None, help="prompt lengths (tiny: 64)")
+    p.add_argument("--batch", type=int, default=None, help="fixed batch (default 8; tiny: 4)")
+    p.add_argument("--gen", type=int, default=None, help="tokens generated per sequence (default 128; tiny: 8)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per measurement; the fastest counts (default 3; tiny: 1)")
+    p.add_argument("--budget-gib", type=float, default=None, help="memory budget for the max batch, the same for "
+                   "both models (default: 90%% of the device's memory on CUDA; tiny: 1/32 GiB)")
+    p.add_argument("--max-batch-cap", type=int, default=None, help="run the max-batch throughput at most at this "
+                   "batch (the max batch itself is still reported)")
+    p.add_argument("--kernel-batch", type=int, default=64, help="rows of the MLA kernel bandwidth measurement")
+    p.add_argument("--no-hf-compile", action="store_true", help="disable HF generate's automatic compile of the step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 on CUDA and float32 on CPU by default")
     p.add_argument("--out", default="runs/benchmarks/decode.json")
     args = p.parse_args(argv)
-    if args.tiny == bool(args.teacher or args.hybrid) or (not args.tiny and not (args.teacher and args.hybrid)):
-        p.error("give either --tiny, or both --teacher and --hybrid")
+    if sum(map(bool, (args.tiny, args.random, args.teacher or args.hybrid))) != 1 or (
+            (args.teacher or args.hybrid) and not (args.teacher and args.hybrid)):
+        p.error("give one of --tiny, --random SHAPE, or both --teacher and --hybrid")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tiny = args.tiny
+    contexts, batch = args.contexts or ([64] if tiny else [512, 2048, 8192]), args.batch or (4 if tiny else 8)
+    gen, repeats = args.gen or (8 if tiny else 128), args.repeats or (1 if tiny else 3)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    if args.tiny:
-        teacher, hybrid = (m.to(args.device, dtype) for m in tiny_pair())
-    else:
+    if args.teacher:
         teacher, hybrid = load(args.teacher, args.device, dtype), load(args.hybrid, args.device, dtype)
+    else:
+        teacher, hybrid = (m.to(args.device, dtype) for m in (tiny_pair() if tiny else smollm2_pair()))
     if args.budget_gib is not None:
         budget = int(args.budget_gib * 2**30)
+    elif args.device.startswith("cuda"):
+        budget = int(0.9 * torch.cuda.get_device_properties(args.device).total_memory)
     else:
-        budget = torch.cuda.get_device_properties(args.device).total_memory if args.device.startswith("cuda") else 4 * 2**30
-    rows = run(teacher, hybrid, args.contexts, args.batch, args.gen, budget, args.device, args.repeats,
-               search=args.search_batch)
-    print(table(rows))
-    report = {"device": args.device, "dtype": str(dtype), "budget_bytes": budget, "batch": args.batch,
-              "gen": args.gen, "repeats": args.repeats,
+        budget = 2**25 if tiny else 4 * 2**30
+    report = {"device": args.device, "dtype": str(dtype), "budget_bytes": budget, "batch": batch, "gen": gen,
+              "repeats": repeats, "hf_compile": not args.no_hf_compile,
               "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
-              "max_batch_method": "search" if args.search_batch and args.device.startswith("cuda") else "analytic", "teacher": args.teacher or "tiny random Llama", "hybrid": args.hybrid or "tiny conversion",
-              "rows": rows}
+              "teacher": args.teacher or f"random {args.random or 'tiny'} Llama",
+              "hybrid": args.hybrid or "conversion of that teacher", "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+
+    def save(rows: list[dict]) -> None:
+        Path(args.out).write_text(json.dumps({**report, "rows": rows}, indent=2))
+
+    kernel = report["mla_kernel"] = kernel_bandwidth(hybrid.config, args.kernel_batch, max(contexts), args.device, dtype)
+    print(f"MLA decode kernel, batch {kernel['batch']} x context {kernel['context']}: "
+          f"{kernel['kernel_bytes_per_s'] / 1e9:.2f} GB/s = {kernel['fraction_of_copy']:.1%} of the device copy's "
+          f"{kernel['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    save([])
+    rows = run(teacher, hybrid, contexts, batch, gen, budget, args.device, repeats,
+               hf_compile=not args.no_hf_compile, max_batch_cap=args.max_batch_cap, save=save)
+    print(table(rows))
+    print()
+    print(max_batch_table(rows))
     log.info("wrote %s", args.out)
 
 

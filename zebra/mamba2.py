@@ -13,7 +13,7 @@ and out = out_proj(RMSNorm(y * silu(z)) * weight), the RMS taken per head as Mam
 (mamba_ssm RMSNormGated with group_size = head_dim, norm_before_gate=False).
 
 Decode state per layer (ZebraCache): conv window [batch, conv_dim, d_conv] (the last d_conv conv
-inputs) and SSM state [batch, heads, P, N].
+inputs) and SSM state [batch, heads, P, N] (float32 or wider), updated in place.
 """
 from __future__ import annotations
 
@@ -23,30 +23,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.decode import mamba2_decode
+from kernels.norm import gated_rms_norm
 from kernels.ssd import causal_conv1d, causal_conv1d_step, ssd_scan, ssd_step
 
-from .cache import ZebraCache
+from .cache import ZebraCache, new_token_mask
 from .config import ZebraConfig
 
+DECODE_BACKEND = {"auto": "auto", "torch": "torch", "cuda": "triton"}  # mamba_backend -> kernels.decode's name
 DT_RANGE = (1e-3, 1e-1)  # softplus(dt_bias) is drawn log-uniform in this range
 DT_FLOOR = 1e-4
 A_RANGE = (1.0, 16.0)  # -A is drawn uniform in this range
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) * weight, the RMS taken over consecutive groups of `group_size` channels."""
+    """RMSNorm(y * silu(z)) * weight, the RMS taken over consecutive groups of `group_size` channels;
+    kernels.norm's Triton kernel on CUDA (backend as ZebraConfig.mamba_backend), its reference elsewhere."""
 
-    def __init__(self, dim: int, group_size: int, eps: float):
+    def __init__(self, dim: int, group_size: int, eps: float, backend: str = "auto"):
         super().__init__()
-        self.group_size, self.eps = group_size, eps
+        self.group_size, self.eps, self.backend = group_size, eps, backend
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z [..., dim] -> [..., dim] in y's dtype (computed in at least float32)."""
-        dtype = torch.promote_types(y.dtype, torch.float32)
-        g = (y.to(dtype) * F.silu(z.to(dtype))).unflatten(-1, (-1, self.group_size))
-        g = g * torch.rsqrt(g.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (g.flatten(-2) * self.weight.to(dtype)).to(y.dtype)
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps, self.backend)
 
 
 class Mamba2Mixer(nn.Module):
@@ -67,7 +68,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.heads))
         self.A_log = nn.Parameter(torch.empty(self.heads))
         self.D = nn.Parameter(torch.ones(self.heads))
-        self.norm = GatedRMSNorm(self.d_inner, self.head_dim, config.rms_norm_eps)
+        self.norm = GatedRMSNorm(self.d_inner, self.head_dim, config.rms_norm_eps, config.mamba_backend)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
         self.reset_ssm_parameters()
 
@@ -89,13 +90,15 @@ class Mamba2Mixer(nn.Module):
     ) -> torch.Tensor:
         """hidden_states [batch, new, d_model] -> [batch, new, d_model]. position_ids are unused (no positions).
 
-        cache: before any state is stored, a prefill that stores the conv window and the final SSM
-        state; afterwards a one-token step (new == 1) or a scan that continues from the stored state.
-        attention_mask: 0/1 [batch, cached + new] with left padding, or None. Padded positions are
-        zeroed before in_proj and after the conv, so they leave the conv window and SSM state as zeros.
+        cache: a one-token step (new == 1) or a scan from the stored conv window and SSM state (from zeros on
+        a fresh prefill); the new state is stored in place. attention_mask: 0/1 left-padding mask, [batch, new]
+        without a cache, one column per cache position with one; or None. Padded positions are zeroed before
+        in_proj and after the conv, so they leave the conv window and SSM state as zeros.
         """
         new = hidden_states.shape[1]
-        mask = None if attention_mask is None else attention_mask[:, -new:, None].to(hidden_states.dtype)
+        mask = None
+        if attention_mask is not None:
+            mask = new_token_mask(attention_mask, cache, new)[..., None].to(hidden_states.dtype)
         if mask is not None:
             hidden_states = hidden_states * mask
         z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
@@ -103,11 +106,11 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus((dt + self.dt_bias).to(dtype))
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
         if state is not None and new == 1:
-            y, window, ssm = self._step(xbc[:, 0], dt[:, 0], *state, mask)
+            y = self._step(xbc[:, 0], dt[:, 0], *state, mask)
         else:
             y, window, ssm = self._scan(xbc, dt, state, mask)
-        if cache is not None:
-            cache.set_mamba_state(self.layer_idx, window, ssm.to(hidden_states.dtype))
+            if cache is not None:
+                cache.set_mamba_state(self.layer_idx, window, ssm)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     def _scan(self, xbc, dt, state, mask):
@@ -116,17 +119,25 @@ class Mamba2Mixer(nn.Module):
         window, ssm = state if state is not None else (None, None)
         conv_in = xbc.transpose(1, 2)
         initial = None if window is None else window[..., 1:]
-        conv_out = causal_conv1d(conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, initial, self.backend)
-        x, B, C = self._heads(self._activate(conv_out.transpose(1, 2), mask))
+        conv_out = causal_conv1d(conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, initial, self.backend,
+                                 activation="silu").transpose(1, 2)
+        x, B, C = self._heads(conv_out if mask is None else conv_out * mask)  # masked positions feed no state
         y, ssm = ssd_scan(x, dt, self._A(), B, C, self.chunk_size, D=self.D, initial_state=ssm, backend=self.backend)
         return y, self._last_window(conv_in, window), ssm
 
     def _step(self, xbc, dt, window, ssm, mask):
-        """One token: xbc [b, conv_dim], dt [b, heads] -> y [b, 1, heads, P], new window, new ssm."""
-        conv_out, window = causal_conv1d_step(window, xbc, self.conv1d.weight[:, 0], self.conv1d.bias)
+        """One token: xbc [b, conv_dim], dt [b, heads], mask [b, 1, 1] or None -> y [b, 1, heads, P]; updates
+        window [b, conv_dim, d_conv] and ssm [b, heads, P, N] in place (one kernel launch without a mask)."""
+        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
+        if mask is None:
+            y = mamba2_decode(xbc, dt, window, ssm, weight, bias, self._A(), self.D, backend=DECODE_BACKEND[self.backend])
+            return y[:, None]
+        conv_out, new_window = causal_conv1d_step(window, xbc, weight, bias)
         x, B, C = self._heads(self._activate(conv_out[:, None], mask))
-        y, ssm = ssd_step(ssm, x[:, 0], dt, self._A(), B[:, 0], C[:, 0], self.D)
-        return y[:, None], window, ssm
+        y, new_ssm = ssd_step(ssm, x[:, 0], dt, self._A(), B[:, 0], C[:, 0], self.D)
+        window.copy_(new_window)
+        ssm.copy_(new_ssm)
+        return y[:, None]
 
     def _activate(self, conv_out, mask):
         """SiLU of the conv output [b, t, conv_dim]; masked positions set to 0 so they feed no state."""

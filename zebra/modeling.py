@@ -1,8 +1,11 @@
 """ZebraForCausalLM: a Llama whose attention layers are MLA or Mamba2 token mixers.
 
 Embeddings, norms, MLPs and LM head are the teacher's (the Llama modules themselves, so converted
-weights load unchanged). The decode cache is a `ZebraCache`: latent + RoPE key for MLA layers,
-conv window + SSM state for Mamba2 layers.
+weights load unchanged). The decode cache is a static `ZebraCache` (zebra.cache): latent + RoPE key for
+MLA layers, conv window + SSM state for Mamba2 layers, in buffers preallocated for max_len tokens.
+`generate()` builds one sized for its max_length; a forward with use_cache and no cache builds one of
+config.max_position_embeddings tokens. transformers >= 5.24 names the cache argument `cache`, earlier
+versions `past_key_values`: forward and prepare_inputs_for_generation take either.
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from .cache import ZebraCache
+from .cache import ZebraCache, new_token_mask
 from .config import ZebraConfig
 from .mamba2 import Mamba2Mixer
 from .mla import MLAttention
 
 MIXERS = {"mla": MLAttention, "mamba": Mamba2Mixer}
+# The cache's name in model outputs and generate()'s model kwargs: "cache" from transformers 5.24 on.
+CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class ZebraDecoderLayer(nn.Module):
@@ -44,7 +49,7 @@ class ZebraPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["ZebraDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _is_stateful = True  # Mamba2 state cannot be rolled back: no assisted decoding
 
     @torch.no_grad()
@@ -78,38 +83,58 @@ class ZebraModel(ZebraPreTrainedModel):
         inputs_embeds=None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: ZebraCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """input_ids [batch, new] (or inputs_embeds [batch, new, hidden]) -> last_hidden_state [batch, new, hidden].
+
+        cache (or past_key_values): a ZebraCache with batch_size == batch; the new tokens of row r take
+        positions cache.lengths[r] + arange(new), and cache.lengths grows by `new` afterwards.
+        attention_mask: 0/1 left-padding mask, one column per token (per cache position with a cache).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if use_cache and past_key_values is None:
-            past_key_values = ZebraCache(self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        (batch, new), device = hidden.shape[:2], hidden.device
+        if use_cache and cache is None:
+            cache = ZebraCache(self.config, batch, self.config.max_position_embeddings, device, hidden.dtype)
+        if cache is not None:
+            cache.begin(new, batch)
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, past, hidden.shape[:2], hidden.device)
+            position_ids = positions_from_mask(attention_mask, cache, new, batch, device)
         states = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = layer(hidden, position_ids, past_key_values, attention_mask)
+            hidden = layer(hidden, position_ids, cache, attention_mask)
             if states is not None:
                 states.append(hidden)
-        if past_key_values is not None:
-            past_key_values.advance(hidden.shape[1])
+        if cache is not None:
+            cache.advance(new)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden,
-            past_key_values=past_key_values,
-            hidden_states=tuple(states) if states is not None else None,
+            last_hidden_state=hidden, hidden_states=tuple(states) if states is not None else None, **{CACHE_KEY: cache}
         )
 
 
-def positions_from_mask(attention_mask, past: int, shape, device) -> torch.Tensor:
-    """Position ids [batch, seq]: counted over real tokens when a padding mask [batch, past+seq] is given."""
-    batch, seq = shape
+def positions_from_mask(attention_mask, cache: ZebraCache | None, new: int, batch: int, device) -> torch.Tensor:
+    """Position ids [batch, new]: the cache positions (cache.lengths + arange(new)) or arange(new); with a padding
+    mask [batch, width], counted over its real tokens instead."""
     if attention_mask is None:
-        return torch.arange(past, past + seq, device=device).expand(batch, seq)
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)[:, -seq:]
+        return cache.positions(new) if cache is not None else torch.arange(new, device=device).expand(batch, new)
+    counted = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return new_token_mask(counted, cache, new)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (float32 or wider) as Hugging Face computes it: logits [batch, seq, vocab],
+    labels [batch, seq] (= input_ids, -100 where ignored); position t is scored on labels[:, t + 1].
+
+    The labels are shifted (the last position gets -100) rather than the logits sliced, so the [batch, seq, vocab]
+    logits are never copied into a [batch, seq - 1, vocab] slice, forward or backward."""
+    shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    logits = logits.flatten(0, 1)
+    return nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                       shifted.flatten(), ignore_index=-100)
 
 
 class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
@@ -123,8 +148,28 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() must not build a DynamicCache: prepare_inputs_for_generation builds a ZebraCache.
+        # generate() must not build a DynamicCache: _prepare_cache_for_generation builds a ZebraCache.
         return False
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        # HF compiles the decode step of a compileable cache on its own; on an H200 (torch 2.11, transformers
+        # 5.17) that failed for this model, so generate() compiles only when a compile_config asks for it.
+        # zebra.decode.Decoder is the fast path: its step is captured in CUDA graphs.
+        if generation_config.compile_config is None:
+            return False
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length) -> None:
+        """generate()'s hook: a static ZebraCache for batch_size x beams rows and max_cache_length tokens,
+        unless the caller passed one or use_cache is off."""
+        if model_kwargs.get("cache", model_kwargs.get("past_key_values")) is not None or not generation_config.use_cache:
+            return
+        if generation_config.cache_implementation not in (None, "static"):
+            raise ValueError(f"cache_implementation={generation_config.cache_implementation!r}: a Zebra model "
+                             "always uses its static ZebraCache; pass None or 'static'")
+        rows = batch_size * max(generation_config.num_beams, generation_config.num_return_sequences or 1)
+        model_kwargs[CACHE_KEY] = ZebraCache(self.config, rows, max_cache_length, self.device, self.dtype)
 
     def forward(
         self,
@@ -137,13 +182,15 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        cache: ZebraCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """logits [batch, new or logits_to_keep, vocab]; see ZebraModel.forward for the cache and the mask."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -152,23 +199,24 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+        loss = None if labels is None else causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_KEY: getattr(out, CACHE_KEY)}
         )
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, cache=None,
+        **kwargs,
     ):
-        """Feed only the tokens the cache has not seen; build the ZebraCache on the first step."""
-        if use_cache and past_key_values is None:
-            past_key_values = ZebraCache(self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
+        """Feed only the tokens the cache has not seen. An all-ones attention mask is dropped (positions then
+        come from the cache); a padding mask is widened to max_len columns, so every step has one shape."""
+        cache = cache if cache is not None else past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if attention_mask is not None and cache is not None:
+            attention_mask = nn.functional.pad(attention_mask, (0, cache.max_len - attention_mask.shape[1]))
+        inputs = {CACHE_KEY: cache, "attention_mask": attention_mask, "use_cache": use_cache}
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:

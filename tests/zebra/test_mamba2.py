@@ -41,19 +41,28 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+def cached(mixer, x, cache, attention_mask=None):
+    """One forward of the mixer through a ZebraCache, with the bookkeeping the model does around its layers."""
+    cache.begin(x.shape[1], x.shape[0])
+    out = mixer(x, cache=cache, attention_mask=attention_mask)
+    cache.advance(x.shape[1])
+    return out
+
+
 @torch.no_grad()
 def test_token_by_token_decode_matches_full_forward(mixer):
     x = torch.randn(2, 11, HIDDEN, dtype=torch.float64)
     full = mixer(x)
     config = mamba_config()
-    cache = ZebraCache(config)
-    steps = torch.cat([mixer(x[:, t : t + 1], cache=cache) for t in range(x.shape[1])], dim=1)
+    cache = ZebraCache(config, 2, 11, dtype=torch.float64)
+    steps = torch.cat([cached(mixer, x[:, t : t + 1], cache) for t in range(x.shape[1])], dim=1)
     print(f"decode vs full: max diff {max_diff(steps, full):.2e}")
     assert max_diff(steps, full) < TOL
     conv, ssm = cache.mamba_state(0)
     assert conv.shape == (2, mixer.conv_dim, config.d_conv)
     assert ssm.shape == (2, HEADS, HEAD_DIM, config.d_state)
     assert cache.nbytes() == 2 * state_bytes_per_sequence(config, torch.float64)
+    assert cache.lengths.tolist() == [11, 11]
 
 
 @torch.no_grad()
@@ -62,9 +71,9 @@ def test_prefill_continue_and_decode_match_full_forward(mixer, prefill):
     """Prefill, then a multi-token continuation from the stored state, then single-token steps."""
     x = torch.randn(2, prefill + 7, HIDDEN, dtype=torch.float64)
     full = mixer(x)
-    cache = ZebraCache(mamba_config())
-    parts = [mixer(x[:, :prefill], cache=cache), mixer(x[:, prefill : prefill + 5], cache=cache)]
-    parts += [mixer(x[:, t : t + 1], cache=cache) for t in range(prefill + 5, x.shape[1])]
+    cache = ZebraCache(mamba_config(), 2, x.shape[1], dtype=torch.float64)
+    parts = [cached(mixer, x[:, :prefill], cache), cached(mixer, x[:, prefill : prefill + 5], cache)]
+    parts += [cached(mixer, x[:, t : t + 1], cache) for t in range(prefill + 5, x.shape[1])]
     diff = max_diff(torch.cat(parts, dim=1), full)
     print(f"prefill {prefill} + continue 5 + decode 2 vs full: max diff {diff:.2e}")
     assert diff < TOL
@@ -77,12 +86,12 @@ def test_left_padding_leaves_real_positions_unchanged(mixer):
     padded = torch.cat([torch.cat([torch.randn(1, total - n, HIDDEN, dtype=torch.float64), s[:, :n]], dim=1)
                         for n, s in zip(lengths, seqs)])
     mask = torch.tensor([[0] * (total - n) + [1] * n for n in lengths])
-    cache = ZebraCache(mamba_config())
-    out = mixer(padded, cache=cache, attention_mask=mask)
+    cache = ZebraCache(mamba_config(), 2, total + extra, dtype=torch.float64)
+    out = cached(mixer, padded, cache, mask)
     for t in range(extra):  # decode continues after the padded prefill
         mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         step_in = torch.cat([s[:, n + t : n + t + 1] for n, s in zip(lengths, seqs)])
-        out = torch.cat([out, mixer(step_in, cache=cache, attention_mask=mask)], dim=1)
+        out = torch.cat([out, cached(mixer, step_in, cache, mask)], dim=1)
     for i, (n, s) in enumerate(zip(lengths, seqs)):
         diff = max_diff(out[i : i + 1, total - n :], mixer(s))
         print(f"sequence {i} ({total - n} pads): max diff at real positions {diff:.2e}")
@@ -161,9 +170,9 @@ def test_kernel_path_matches_reference_path():
     reference = Mamba2Mixer(mamba_config(), 0).cuda()
     reference.load_state_dict(mixer.state_dict())
     expected = reference(x)
-    cache = ZebraCache(mamba_config())
-    parts = [mixer(x[:, :40], cache=cache), mixer(x[:, 40:67], cache=cache)]
-    parts += [mixer(x[:, t : t + 1], cache=cache) for t in range(67, 70)]
+    cache = ZebraCache(mamba_config(), 2, 70, device="cuda")
+    parts = [cached(mixer, x[:, :40], cache), cached(mixer, x[:, 40:67], cache)]
+    parts += [cached(mixer, x[:, t : t + 1], cache) for t in range(67, 70)]
     errors = [((out - expected).norm() / expected.norm()).item() for out in (mixer(x), torch.cat(parts, dim=1))]
     print(f"float32 kernel path vs reference: relative error full {errors[0]:.2e}, cached {errors[1]:.2e}")
     assert max(errors) < 1e-3

@@ -40,7 +40,7 @@ def test_cached_decode_equals_full_forward(hybrid):
     ids = torch.randint(0, 256, (2, 13))
     with torch.no_grad():
         full = hybrid(ids).logits
-        cache = zebra.ZebraCache(hybrid.config)
+        cache = zebra.ZebraCache(hybrid.config, 2, 13, dtype=torch.float64)
         prefill = hybrid(ids[:, :5], past_key_values=cache, use_cache=True).logits
         steps = [hybrid(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 13)]
     got = torch.cat([prefill, *steps], dim=1)
@@ -100,7 +100,25 @@ def test_kv_bytes_per_token_matches_generated_cache(teacher64, dtype):
             t for layer in cache.layers for t in (layer.keys, layer.values)]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         seq = cache.get_seq_length()
-        assert seq == 9 + 6 - 1
+        assert seq == 9 + 6 - 1 and (not isinstance(cache, zebra.ZebraCache) or cache.max_len == seq)
         per_token = (nbytes - 3 * fixed) / (3 * seq)
         print(type(model).__name__, nbytes, per_token)
         assert per_token == zebra.kv_bytes_per_token(model.config, dtype)
+
+
+def test_causal_lm_loss_equals_sliced_logits_formula(hybrid):
+    """Shifting the labels (no copy of the logits) gives the old loss, cross-entropy of logits[:, :-1] against
+    labels[:, 1:], in float64 on random inputs with ignored (-100) labels, and in the model's forward."""
+    logits, labels = torch.randn(3, 9, 17, dtype=torch.float64), torch.randint(0, 17, (3, 9))
+    labels[0, 4], labels[2, 1:3] = -100, -100
+
+    def old(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=-100)
+
+    loss = zebra.modeling.causal_lm_loss(logits, labels)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, old(logits, labels), rtol=1e-12, atol=1e-12)
+    ids = torch.randint(0, 256, (2, 11))
+    out = hybrid(ids, labels=ids)
+    torch.testing.assert_close(out.loss, old(out.logits, ids), rtol=1e-12, atol=1e-12)
