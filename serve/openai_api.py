@@ -11,9 +11,9 @@ import time
 import uuid
 from typing import Callable, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve.engine import Completion
+from serve.engine import MAX_SEED, MAX_STOP_CHARS, MAX_STOPS, MAX_TEMPERATURE, MIN_TEMPERATURE, Completion
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -36,22 +36,33 @@ class APIError(Exception):
 
 
 class _Request(BaseModel):
-    # strict: "1" is not an int and true is not a number; extra keys are errors naming the key.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: "1" is not an int and true is not a number; extra keys are errors naming the key; no NaN or inf.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # an extension (as vLLM's): the k likeliest tokens, 0 for all
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    ignore_eos: bool = False  # an extension (as vLLM's): decode max_tokens whatever the model emits
     stream: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_tiny(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 for greedy decoding or a value of at least {MIN_TEMPERATURE}")
+        return value
 
     def stops(self) -> tuple[str, ...]:
         """The stop strings as a tuple; an empty string is refused (it would stop before any text)."""
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(s == "" for s in stops):
             raise APIError(400, "stop: stop strings must be non-empty", "stop")
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters", "stop")
         return stops
 
 
@@ -81,8 +92,8 @@ def parse_request(body: bytes, schema: type[Schema]) -> Schema:
     """Parse a JSON body into `schema`; APIError(400) naming the first bad field otherwise."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # also: bad UTF-8, integers of > 4300 digits, deep nesting
+        raise APIError(400, f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:

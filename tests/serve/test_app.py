@@ -13,19 +13,20 @@ from transformers import AutoTokenizer
 
 from serve.app import run_server
 
-KEY_ENV, KEY = "ZEBRA_TEST_API_KEY", "test-key-0123"
+KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, tiny_model_dir, free_port):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(KEY_ENV, KEY)
-        try:
-            yield run_server(tiny_model_dir, port=free_port(), api_key_env=KEY_ENV, max_batch_size=8)
-        finally:
-            serve.shutdown()
+def url(ray_session, tiny_model_dir, free_port, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    try:
+        yield run_server(tiny_model_dir, port=free_port(), api_key_file=str(key_file), max_batch_size=8)
+    finally:
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
