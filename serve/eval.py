@@ -5,9 +5,18 @@
 and eval.md; with a teacher it evaluates the teacher the same way and adds a retention column
 (student / teacher). A task name with a YAML in serve/tasks/ is read from there (local JSONL data,
 no network); any other name comes from lm-eval's registry, whose dataset must be reachable or cached.
+
+DEFAULT_TASKS are four real zero-shot benchmarks read from the shared data folder (zebra.data.data_root:
+$ZEBRA_DATA or ../shared/data): arc_easy, arc_challenge, piqa, boolq, formatted as lm-eval formats them.
+Their items come sorted by sha256("0:{task}:{id}") (sha256_order), so `limit=500` takes the 500 items
+whose teacher scores that data's README gives. Where a hub is reachable, lm-eval's own `arc_easy`,
+`arc_challenge`, `piqa`, `boolq` are the same tasks.
+The table has one row per task and metric, and an average row over the tasks' headline metric
+(acc_norm where a task reports it, else acc) whose retention is average student / average teacher.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,22 +28,52 @@ from ray import serve
 
 from serve.app import model_name_of, run_server
 from serve.engine import resolve_model_dir
+from zebra.data import data_root
 
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).parent / "tasks"
+DATA_VAR = "$ZEBRA_DATA"  # in a task's data_files: the shared data folder (zebra.data.data_root)
+DEFAULT_TASKS = ("arc_easy_local", "arc_challenge_local", "piqa_local", "boolq_local")
+HEADLINE_METRICS = ("acc_norm", "acc")  # a task's first of these is the one the average takes
 APP_NAME, ROUTE = "zebra-eval", "/eval"
 
 
 def local_task(name: str) -> dict | None:
-    """The config of serve/tasks/<name>.yaml with its data_files made absolute; None if there is none."""
+    """The config of serve/tasks/<name>.yaml, merged over the file its `include` names, with its
+    data_files made absolute (relative to serve/tasks/, or under $ZEBRA_DATA); None if there is none.
+    Raises FileNotFoundError naming a data file that does not exist."""
     path = TASKS_DIR / f"{name}.yaml"
     if not path.is_file():
         return None
     config = yaml.safe_load(path.read_text())
-    files = config["dataset_kwargs"]["data_files"]
-    config["dataset_kwargs"]["data_files"] = {split: str(TASKS_DIR / f) for split, f in files.items()}
+    if "include" in config:
+        config = {**yaml.safe_load((TASKS_DIR / config.pop("include")).read_text()), **config}
+    files = {split: _data_file(f) for split, f in config["dataset_kwargs"]["data_files"].items()}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"task {name}: no data file {missing[0]}; set ${DATA_VAR[1:]} to the folder "
+                                f"holding eval/ (default: {data_root()})")
+    config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": {k: str(f) for k, f in files.items()}}
+    order = config.pop("doc_order", None)
+    if order not in (None, "sha256"):
+        raise ValueError(f"task {name}: doc_order {order!r} is unknown; use sha256 or leave it out")
+    if order == "sha256":
+        config["process_docs"] = sha256_order
     return config
+
+
+def sha256_order(docs):
+    """docs (a datasets.Dataset of records with "task" and "id") sorted by sha256("0:{task}:{id}"): the
+    order of the shared eval data's README, whose reference scores are those of the first 500 items."""
+    keys = [hashlib.sha256(f"0:{task}:{id_}".encode()).hexdigest() for task, id_ in zip(docs["task"], docs["id"])]
+    return docs.select(sorted(range(len(keys)), key=keys.__getitem__))
+
+
+def _data_file(name: str) -> Path:
+    if name.startswith(DATA_VAR + "/"):
+        return data_root() / name[len(DATA_VAR) + 1 :]
+    return TASKS_DIR / name
 
 
 def evaluate_endpoint(base_url: str, model_name: str, tokenizer_dir: Path, tasks: list[str], limit: int | None,
@@ -77,22 +116,46 @@ def retention_rows(results: dict[str, dict]) -> list[dict]:
             row = {"task": task, "metric": metric, "filter": filter_, "student": value,
                    "student_stderr": metrics.get(f"{metric}_stderr,{filter_}")}
             if "teacher" in results:
-                teacher = results["teacher"]["results"][task][key]
+                teacher_metrics = results["teacher"]["results"][task]
+                teacher = teacher_metrics[key]
                 row["teacher"] = teacher
+                row["teacher_stderr"] = teacher_metrics.get(f"{metric}_stderr,{filter_}")
                 row["retention"] = value / teacher if teacher else None
             rows.append(row)
     return rows
 
 
+def average_row(rows: list[dict]) -> dict | None:
+    """The mean over tasks of each task's headline metric (HEADLINE_METRICS), student and teacher,
+    and retention = mean student / mean teacher (the paper's); None without any headline metric."""
+    picked = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = {r["metric"]: r for r in rows if r["task"] == task}
+        picked += [mine[m] for m in HEADLINE_METRICS if m in mine][:1]
+    if not picked:
+        return None
+    row = {"task": f"average ({len(picked)} tasks)", "metric": "/".join(HEADLINE_METRICS), "filter": "",
+           "student": sum(r["student"] for r in picked) / len(picked), "student_stderr": None}
+    if all("teacher" in r for r in picked):
+        row["teacher"] = sum(r["teacher"] for r in picked) / len(picked)
+        row["teacher_stderr"] = None
+        row["retention"] = row["student"] / row["teacher"] if row["teacher"] else None
+    return row
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table; the teacher and retention columns only when a teacher ran."""
+    """The rows as a Markdown table (value ± stderr), then their average_row; the teacher and
+    retention columns only when a teacher ran."""
     teacher = any("teacher" in r for r in rows)
     head = ["task", "metric", "student"] + (["teacher", "retention"] if teacher else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    average = average_row(rows)
+    several_tasks = len({r["task"] for r in rows}) > 1
+    for r in rows + ([average] if average and several_tasks else []):
         cells = [r["task"], r["metric"], _with_stderr(r["student"], r["student_stderr"])]
         if teacher:
-            cells += [f"{r['teacher']:.4f}", "n/a" if r["retention"] is None else f"{r['retention']:.3f}"]
+            cells += [_with_stderr(r["teacher"], r.get("teacher_stderr")),
+                      "n/a" if r["retention"] is None else f"{r['retention']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,8 +1,6 @@
 """Compose a hybrid from a Llama teacher with no training: config, weight copy, per-layer init error."""
 from __future__ import annotations
 
-import logging
-
 import torch
 from tqdm.auto import tqdm
 
@@ -10,24 +8,17 @@ from .config import ZebraConfig
 from .init_mamba import mamba_from_llama_attention
 from .init_mla import mla_from_llama_attention
 from .modeling import ZebraForCausalLM
-
-log = logging.getLogger(__name__)
-
-
-def rope_theta(teacher_config) -> float:
-    params = getattr(teacher_config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(teacher_config, "rope_theta", 10000.0)))
+from .rope import config_fields as rope_config_fields
 
 
 def hybrid_config(teacher_config, mla_layers, kv_rank: int, qk_rope_dim: int, q_rank: int | None = None,
                   **overrides) -> ZebraConfig:
-    """ZebraConfig with the teacher's shape; layers in `mla_layers` are MLA, the rest Mamba2."""
+    """ZebraConfig with the teacher's shape and RoPE (scaled RoPE too: zebra.rope); layers in `mla_layers`
+    are MLA, the rest Mamba2."""
     n = teacher_config.num_hidden_layers
     bad = [i for i in mla_layers if not 0 <= i < n]
     if bad:
         raise ValueError(f"mla_layers {bad} out of range for a teacher with {n} layers")
-    if (getattr(teacher_config, "rope_parameters", None) or {}).get("rope_type", "default") != "default":
-        log.warning("teacher uses scaled RoPE; MLA layers rotate at the unscaled frequencies")
     mla = set(mla_layers)
     fields = dict(
         vocab_size=teacher_config.vocab_size,
@@ -40,7 +31,6 @@ def hybrid_config(teacher_config, mla_layers, kv_rank: int, qk_rope_dim: int, q_
         hidden_act=teacher_config.hidden_act,
         max_position_embeddings=teacher_config.max_position_embeddings,
         rms_norm_eps=teacher_config.rms_norm_eps,
-        rope_theta=rope_theta(teacher_config),
         mlp_bias=getattr(teacher_config, "mlp_bias", False),
         tie_word_embeddings=teacher_config.tie_word_embeddings,
         bos_token_id=teacher_config.bos_token_id,
@@ -50,6 +40,7 @@ def hybrid_config(teacher_config, mla_layers, kv_rank: int, qk_rope_dim: int, q_
         kv_rank=kv_rank,
         q_rank=q_rank,
         qk_rope_dim=qk_rope_dim,
+        **rope_config_fields(teacher_config),  # rope_theta, and the teacher's scaled RoPE if any
     )
     fields.update(overrides)
     return ZebraConfig(**fields)

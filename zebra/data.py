@@ -1,7 +1,10 @@
 """Training text -> fixed-length token sequences, cached, in a seeded order, sharded across ranks, resumable.
 
-    texts = load_texts("builtin")                       # or a file/folder, s3://..., or a hub id
+    texts = load_texts("builtin")                       # or a file/folder (.jsonl.xz too), s3://..., a hub id
+    texts = texts_for_tokens(iter_texts("$ZEBRA_DATA/corpus/prose-v1.jsonl.xz"), tokenizer, 7_000_000)
     seqs = packed_sequences(texts, tokenizer, 512)      # [n, 512], tokenised once, cached as .npy
+    ranges = token_slices({"held_out": 8192, "ild": 2_000_000, "kd": 5_000_000}, seqs.size)
+    ild_rows = seqs[rows_of(ranges["ild"], 512)]        # disjoint from kd's and the held-out rows
     data = PackedDataset(seqs, seed=0, rank=r, world_size=w)
     batch = data.next_batch(8)                          # [8, 512] int64; data.state_dict() resumes here
 
@@ -10,10 +13,14 @@ Sequences are inputs only: a training step shifts them for next-token targets.
 from __future__ import annotations
 
 import ast
+import bz2
 import functools
+import gzip
 import hashlib
 import itertools
+import json
 import logging
+import lzma
 import os
 import shutil
 import sysconfig
@@ -28,9 +35,12 @@ from .teacher import cache_root
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
-FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> datasets builder
+FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> format
+COMPRESSIONS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}  # read as streams, never unpacked to disk
 MIN_DOC_CHARS = 200  # shorter docstrings are mostly "Return self." and signatures, not prose
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+DATA_ENV = "ZEBRA_DATA"  # the shared data folder; see data_root
+DATA_VAR = "$" + DATA_ENV  # a source "$ZEBRA_DATA/corpus/x.jsonl" names a file in it
 CACHE_VERSION = b"zebra-packed-v1"  # bump when tokenize/pack change what a cache file holds
 
 
@@ -46,75 +56,144 @@ def load_texts(
     """Documents of a corpus, in the source's order (empty and missing texts dropped).
 
     source: "builtin" (offline, see builtin_texts); a local file or folder (.txt = one document
-    per file; .json/.jsonl/.parquet = one per record, read from text_field); s3://bucket/key, an
-    object or a folder of such files ($AWS_ENDPOINT_URL or s3_endpoint_url for S3-compatible
-    servers); otherwise a Hugging Face hub dataset id, with config `name`.
-    split: the split of a hub dataset, or the name given to local/S3 files; the builtin corpus has one.
-    limit: keep the first `limit` documents (a hub dataset is then streamed, not downloaded whole).
+    per file; .json/.jsonl/.parquet = one per record, read from text_field; .txt/.json/.jsonl may be
+    compressed: .xz, .gz, .bz2), "$ZEBRA_DATA/..." for a file of the shared data folder (resolve_local);
+    s3://bucket/key, an object or a folder of such files ($AWS_ENDPOINT_URL or s3_endpoint_url for
+    S3-compatible servers); otherwise a Hugging Face hub dataset id, with config `name`.
+    split: the split of a hub dataset; the builtin corpus and files have one.
+    limit: keep the first `limit` documents; local and S3 files are read as streams that stop
+    there, and a hub dataset is then streamed, not downloaded whole.
     """
+    if source != BUILTIN and _is_hub(source):
+        return _load_hub(source, name, split, text_field, limit)
+    return list(itertools.islice(iter_texts(source, split, text_field, s3_endpoint_url=s3_endpoint_url), limit))
+
+
+def iter_texts(source: str, split: str = "train", text_field: str = "text", *, name: str | None = None,
+               s3_endpoint_url: str | None = None) -> Iterator[str]:
+    """The documents of load_texts one at a time, read lazily: stop iterating and nothing more is
+    read (a hub dataset is streamed)."""
     scheme, sep, _ = source.partition("://")
     if source == BUILTIN:
-        texts = builtin_texts()
-    elif sep and scheme == "s3":
-        texts = _load_local(_download_s3(source, s3_endpoint_url), split, text_field, label=source)
-    elif sep:
+        return iter(builtin_texts())
+    if sep and scheme == "s3":
+        return _iter_local(_download_s3(source, s3_endpoint_url), text_field, label=source)
+    if sep:
         raise ValueError(f"data source {source!r}: unknown scheme {scheme!r}; use a path, s3:// or a hub id")
-    elif _is_local(source):
-        texts = _load_local(Path(source).expanduser(), split, text_field, label=source)
-    else:
-        texts = _load_hub(source, name, split, text_field, limit)
-    return texts[:limit]  # a copy, also of the cached builtin list
+    if _is_hub(source):
+        return _iter_hub(source, name, split, text_field)
+    return _iter_local(resolve_local(source), text_field, label=source)
+
+
+def _is_hub(source: str) -> bool:
+    return "://" not in source and not source.startswith(DATA_VAR) and not _is_local(source)
+
+
+def resolve_local(source: str) -> Path:
+    """The local path of a source: "$ZEBRA_DATA/rest" is data_root() / rest; a missing file is looked
+    for compressed (name + .xz/.gz/.bz2) or uncompressed (without that suffix), so one spec reads
+    corpus/prose-v1.jsonl.xz here and the unpacked corpus/prose-v1.jsonl on the GPU host."""
+    path = data_root() / source[len(DATA_VAR) + 1 :] if source.startswith(DATA_VAR + "/") else Path(source)
+    path = path.expanduser()
+    if path.exists():
+        return path
+    variants = [path.with_name(path.name + c) for c in COMPRESSIONS]
+    variants += [path.with_suffix("")] if path.suffix in COMPRESSIONS else []
+    found = next((v for v in variants if v.exists()), path)
+    if found != path:
+        log.info("data source %s: reading %s", source, found)
+    return found
 
 
 def _is_local(source: str) -> bool:
     """A path rather than a hub id ("org/name"): it exists, or it is spelled like a path."""
     path = Path(source).expanduser()
-    return path.exists() or source.startswith(("/", ".", "~")) or path.suffix in FORMATS or source.count("/") > 1
+    return (path.exists() or source.startswith(("/", ".", "~")) or _data_format(path) is not None
+            or path.suffix in COMPRESSIONS or source.count("/") > 1)
 
 
-def _local_files(path: Path) -> tuple[str, list[str]]:
-    """(datasets builder, sorted data files) of a file or a folder of one format."""
+def _data_format(path: Path) -> str | None:
+    """The data suffix of a file name, under a compression suffix if any: ".jsonl" for x.jsonl and
+    x.jsonl.xz; None when there is none."""
+    suffixes = path.suffixes[:-1] if path.suffix in COMPRESSIONS else path.suffixes
+    return suffixes[-1] if suffixes and suffixes[-1] in FORMATS else None
+
+
+def _local_files(path: Path) -> list[Path]:
+    """The data files of a file, or of a folder (sorted; one format)."""
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS and not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _data_format(p) and not p.name.startswith("."))
         if not files:
             raise FileNotFoundError(f"data folder {path} holds no {'/'.join(FORMATS)} files")
     else:
         raise FileNotFoundError(f"data file or folder {path} does not exist")
-    unknown = [str(p) for p in files if p.suffix not in FORMATS]
+    unknown = [str(p) for p in files if _data_format(p) is None or (p.suffix in COMPRESSIONS and
+                                                                   _data_format(p) == ".parquet")]
     if unknown:
-        raise ValueError(f"data file {unknown[0]}: unsupported suffix; use one of {', '.join(FORMATS)}")
-    builders = sorted({FORMATS[p.suffix] for p in files})
-    if len(builders) > 1:
-        raise ValueError(f"data folder {path} mixes formats {builders}; keep one format per folder")
-    return builders[0], [str(p) for p in files]
+        raise ValueError(f"data file {unknown[0]}: unsupported name; use one of {', '.join(FORMATS)} "
+                         f"(text formats optionally compressed: {', '.join(COMPRESSIONS)})")
+    formats = sorted({FORMATS[_data_format(p)] for p in files})
+    if len(formats) > 1:
+        raise ValueError(f"data folder {path} mixes formats {formats}; keep one format per folder")
+    return files
 
 
-def _load_local(path: Path, split: str, text_field: str, label: str) -> list[str]:
-    import datasets  # heavy; only loaders need it
+def _iter_local(path: Path, text_field: str, label: str) -> Iterator[str]:
+    for file in _local_files(path):
+        fmt = _data_format(file)
+        if fmt == ".parquet":
+            yield from _parquet_texts(file, text_field, label)
+            continue
+        with COMPRESSIONS.get(file.suffix, open)(file, "rt", encoding="utf-8") as stream:
+            if fmt == ".txt":
+                text = stream.read()
+                if text:
+                    yield text
+            elif fmt == ".jsonl":
+                records = (_json_record(line, file, n) for n, line in enumerate(stream, 1) if line.strip())
+                yield from _texts_of(records, text_field, label)
+            else:
+                yield from _texts_of(json.load(stream), text_field, label)
 
-    builder, files = _local_files(path)
-    extra = {"sample_by": "document"} if builder == "text" else {}
-    ds = datasets.load_dataset(builder, data_files={split: files}, split=split, **extra)
-    if text_field not in ds.column_names:
-        raise ValueError(f"data {label}: no field {text_field!r}; its fields are {sorted(ds.column_names)}")
-    return [t for t in ds[text_field] if t]
+
+def _json_record(line: str, file: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data file {file}, line {number}: not JSON ({e})") from None
+
+
+def _texts_of(records: Iterable[dict], text_field: str, label: str) -> Iterator[str]:
+    for record in records:
+        if text_field not in record:
+            raise ValueError(f"data {label}: no field {text_field!r}; its fields are {sorted(record)}")
+        if record[text_field]:
+            yield record[text_field]
+
+
+def _parquet_texts(file: Path, text_field: str, label: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(file)
+    if text_field not in table.schema_arrow.names:
+        raise ValueError(f"data {label}: no field {text_field!r}; its fields are {sorted(table.schema_arrow.names)}")
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+        yield from filter(None, batch.column(0).to_pylist())
+
+
+def _iter_hub(source: str, name: str | None, split: str, text_field: str) -> Iterator[str]:
+    import datasets
+
+    yield from _texts_of(datasets.load_dataset(source, name, split=split, streaming=True), text_field, repr(source))
 
 
 def _load_hub(source: str, name: str | None, split: str, text_field: str, limit: int | None) -> list[str]:
     import datasets
 
     ds = datasets.load_dataset(source, name, split=split, streaming=limit is not None)
-    texts: list[str] = []
-    for row in ds:
-        if len(texts) == limit:
-            break
-        if text_field not in row:
-            raise ValueError(f"data {source!r}: no field {text_field!r}; its fields are {sorted(row)}")
-        if row[text_field]:
-            texts.append(row[text_field])
-    return texts
+    return list(itertools.islice(_texts_of(ds, text_field, repr(source)), limit))
 
 
 def _download_s3(uri: str, endpoint_url: str | None) -> Path:
@@ -147,6 +226,13 @@ def _s3_objects(client, bucket: str, key: str, dest: Path) -> dict[str, Path]:
     if not objects:
         raise FileNotFoundError(f"data source s3://{bucket}/{key}: no objects under it")
     return objects
+
+
+def data_root() -> Path:
+    """The shared data folder (corpus/, eval/): $ZEBRA_DATA where set (the GPU host's bundle sets it),
+    else ../shared/data next to the repository."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @functools.lru_cache(maxsize=1)
@@ -217,6 +303,58 @@ def pack(token_ids: Iterable[Sequence[int]], seq_len: int) -> Iterator[list[int]
         for start in range(0, full, seq_len):
             yield buf[start : start + seq_len]
         del buf[:full]
+
+
+def texts_for_tokens(texts: Iterable[str], tokenizer, tokens: int, batch_size: int = 256) -> list[str]:
+    """The first documents of `texts` that hold at least `tokens` tokens once tokenised (tokenize's
+    count, EOS included), or all of them: the iterable is consumed no further than that, so a
+    streamed corpus is read only as far as a run needs."""
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    it = iter(texts)
+    taken: list[str] = []
+    count = 0
+    while count < tokens and (batch := list(itertools.islice(it, batch_size))):
+        for text, ids in zip(batch, tokenize(batch, tokenizer, batch_size)):
+            if count >= tokens:
+                break
+            taken.append(text)
+            count += len(ids)
+    return taken
+
+
+def token_slices(budgets: dict[str, int], available: int) -> dict[str, tuple[int, int]]:
+    """Disjoint [start, stop) token ranges of the packed corpus, one per consumer, in budgets' order.
+
+    budgets: tokens each consumer wants, e.g. {"held_out": 16 * 1024, "ild": 2_000_000, "kd": 5_000_000}.
+    available: tokens of the packed corpus (rows x seq_len). Packing concatenates the documents in
+    order, so token t is the same token at every seq_len (up to the dropped tail): one set of ranges
+    serves stages that pack at different lengths (rows_of).
+    When the budgets exceed the corpus, every range shrinks in proportion, with a warning (a stage
+    then repeats its data over epochs); ValueError naming the consumer that would get no token.
+    """
+    wanted = sum(budgets.values())
+    scale = min(1.0, available / wanted) if wanted else 1.0
+    if scale < 1.0:
+        log.warning("data: the stages want %d tokens, the corpus holds %d; each gets %.0f%% of its budget "
+                    "and repeats it", wanted, available, 100 * scale)
+    slices, start = {}, 0
+    for name, budget in budgets.items():
+        size = int(budget * scale)
+        if size < 1:
+            raise ValueError(f"data: {name} gets no tokens of the corpus ({available} tokens for budgets {budgets})")
+        slices[name] = (start, start + size)
+        start += size
+    return slices
+
+
+def rows_of(token_range: tuple[int, int], seq_len: int) -> slice:
+    """The rows of a [n, seq_len] packing that lie wholly inside token_range [start, stop)."""
+    start, stop = token_range
+    rows = slice(-(-start // seq_len), stop // seq_len)
+    if rows.stop <= rows.start:
+        raise ValueError(f"token range [{start}, {stop}) holds no whole sequence of seq_len {seq_len}")
+    return rows
 
 
 def packed_sequences(texts: Sequence[str], tokenizer, seq_len: int, cache_dir: str | Path | None = None) -> np.ndarray:

@@ -5,7 +5,8 @@ g = h // (H / n_kv); HF RoPE pairs dim j with j + d/2 at frequency index j mod d
 
 RoPE part (partial RoPE, MHA2MLA "2-norm" criterion, arXiv 2502.14837). The shared RoPE key holds
 P = qk_rope_dim / 2 pairs; each pair is a slot (g, i): kv head g's dims (i, i + d/2), rotating at
-frequency i (the layer's rope_freq_idx buffer). A query head of group g gets the teacher's query
+frequency i (the layer's rope_freq_idx buffer) of the teacher's RoPE, scaled RoPE included
+(zebra.rope). A query head of group g gets the teacher's query
 dims (i, i + d/2) in the slots of its own group and zeros in the other groups' slots, so the
 q_pe . k_pe product reproduces exactly the teacher's rotated score of the kept pairs. We keep the
 P slots with the largest sum_h ||q_h,(i,i+d/2)|| * ||k_g,(i,i+d/2)|| (norms of weight rows, or of
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 
 from .config import ZebraConfig
 from .mla import MLAttention
+from .rope import CONFIG_ATTR as ROPE_ATTR
+from .rope import inverse_frequencies, mla_frequencies, rope_parameters
 
 CALIB_DAMPING = 1e-2
 
@@ -110,13 +113,18 @@ def _check_teacher(attn, config: ZebraConfig) -> None:
         "head_dim": d,
         "qk_nope_dim": d,
         "v_head_dim": d,
-        "rope_theta": tc.rope_parameters["rope_theta"],
+        "rope_theta": rope_parameters(tc)["rope_theta"],
         "attn_scale": attn.scaling,
     }
     for field, want in expected.items():
         have = getattr(config, field)
         if not math.isclose(have, want, rel_tol=1e-9):
             raise ValueError(f"config.{field} = {have}, but the teacher attention needs {want}")
+    want_freq, want_scaling = inverse_frequencies(rope_parameters(tc), d, tc.max_position_embeddings)
+    have_freq, have_scaling = mla_frequencies(config)
+    if not torch.equal(have_freq, want_freq) or have_scaling != want_scaling:
+        raise ValueError(f"config.{ROPE_ATTR} = {getattr(config, ROPE_ATTR, None)} rotates at other frequencies than "
+                         f"the teacher's RoPE {rope_parameters(tc)}; build the config with zebra.convert.hybrid_config")
     if config.qk_rope_dim > tc.num_key_value_heads * d:
         raise ValueError(
             f"config.qk_rope_dim = {config.qk_rope_dim} exceeds num_key_value_heads * head_dim = "

@@ -1,6 +1,9 @@
-"""Distillation losses: logit KD against a full or top-k teacher, and intermediate-layer (ILD) MSE.
+"""Distillation losses: logit KD against a full or top-k teacher, and intermediate-layer (ILD) losses.
 
-All losses compute in float32 whatever the input dtype, and average over tokens.
+All losses compute in float32 whatever the input dtype (the full-vocabulary KD loss in float64 for
+float64 inputs), and average over tokens. The full-vocabulary
+KD loss runs over chunks of tokens, so that [tokens, vocab] float32 log-probabilities never exist
+at once (49,152 x 32k tokens would be 6.4 GB): only a chunk's, and the gradient in the logits' dtype.
 """
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+CHUNK_TOKENS = 1024  # tokens per chunk of the KD loss: ~200 MB per float32 [chunk, 49152] temporary
 
 
 @dataclass(frozen=True)
@@ -27,12 +32,16 @@ class TopKLogprobs:
     temperature: float
 
 
-def top_k_logprobs(logits: Tensor, k: int, temperature: float = 1.0) -> TopKLogprobs:
-    """The k largest softened log-probabilities of [batch, seq, vocab] logits (normalised over the full vocab)."""
+def top_k_logprobs(logits: Tensor, k: int, temperature: float = 1.0, chunk_tokens: int = CHUNK_TOKENS) -> TopKLogprobs:
+    """The k largest softened log-probabilities of [batch, seq, vocab] logits (normalised over the
+    full vocab), computed chunk_tokens tokens at a time."""
     if not 0 < k <= logits.shape[-1]:
         raise ValueError(f"top_k={k} must be in 1..vocab ({logits.shape[-1]})")
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    values, indices = logprobs.topk(k, dim=-1)
+    flat = logits.flatten(0, -2)
+    parts = [torch.log_softmax(flat[s : s + chunk_tokens].float() / temperature, dim=-1).topk(k, dim=-1)
+             for s in range(0, flat.shape[0], chunk_tokens)]
+    shape = (*logits.shape[:-1], k)
+    values, indices = (torch.cat([getattr(p, f) for p in parts]).view(shape) for f in ("values", "indices"))
     return TopKLogprobs(values, indices, temperature)
 
 
@@ -42,54 +51,138 @@ def kd_loss(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     labels: Tensor | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> Tensor:
     """(1 - ce_weight) * T^2 * KL(teacher || student) + ce_weight * CE(student, labels), token mean.
 
     student_logits  [batch, seq, vocab]
-    teacher         [batch, seq, vocab] logits, or TopKLogprobs taken at the same temperature
+    teacher         [batch, seq, vocab] logits (the default: the full-vocabulary KL, exact), or
+                    TopKLogprobs taken at the same temperature (an option; biased, see below)
     labels          [batch, seq] token ids as in HF (the loss shifts them: logits at t predict
                     labels at t+1), IGNORE_INDEX where no loss; needed when ce_weight > 0
+    chunk_tokens    tokens whose float32 [chunk, vocab] temporaries exist at once
 
     KL is on the softened distributions softmax(z / T); the T^2 keeps gradient scale independent
-    of T (Hinton et al.). With a top-k teacher the KL is taken over k+1 outcomes: the k tokens and
-    one bucket for all the others, whose teacher mass is 1 - sum(top-k probs) and student mass is
-    the student's probability of every token outside the top-k. That is exactly the full KL when
-    the teacher puts no mass outside its top-k, and otherwise a lower bound on it (it ignores how
-    each side spreads the rest mass over the other tokens).
+    of T (Hinton et al.). The teacher is a constant: no gradient flows into it.
+
+    With a top-k teacher the KL is taken over k+1 outcomes: the k tokens and one bucket for all
+    the others, whose teacher mass is 1 - sum(top-k probs) and student mass is the student's
+    probability of every token outside the top-k. That is exactly the full KL only when the
+    teacher puts no mass outside its top-k; otherwise it is a LOWER BOUND on the full KL that
+    ignores the tail (how each side spreads the rest mass over the other tokens), so a student
+    trained on it is never told to match the teacher's tail. Top-k saves teacher-to-student
+    traffic; use the full teacher unless that traffic is the bottleneck.
     """
     if not 0.0 <= ce_weight <= 1.0:
         raise ValueError(f"ce_weight={ce_weight} must be in [0, 1]")
-    student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    if ce_weight > 0 and labels is None:
+        raise ValueError("kd_loss: ce_weight > 0 needs labels")
+    student = student_logits.flatten(0, -2)
     if isinstance(teacher, TopKLogprobs):
-        kl = _kl_top_k(student_logp, teacher, temperature)
-    else:
-        teacher_logp = torch.log_softmax(teacher.float() / temperature, dim=-1)
-        kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
-    loss = (1.0 - ce_weight) * temperature**2 * kl.mean()
-    if ce_weight > 0:
-        if labels is None:
-            raise ValueError("kd_loss: ce_weight > 0 needs labels")
-        loss = loss + ce_weight * causal_ce(student_logits, labels)
-    return loss
+        _check_temperature(teacher, temperature)
+        kl = _chunked_top_k_kl(student, teacher, temperature, chunk_tokens)
+        loss = (1.0 - ce_weight) * temperature**2 * kl
+        if ce_weight > 0:
+            loss = loss + ce_weight * causal_ce(student_logits, labels)
+        return loss
+    if teacher.shape != student_logits.shape:
+        raise ValueError(f"kd_loss: teacher logits shape {tuple(teacher.shape)} != student "
+                         f"{tuple(student_logits.shape)}")
+    targets = _next_token_targets(labels, student_logits.shape[:-1], student.device) if ce_weight > 0 else None
+    return _FullVocabKD.apply(student, teacher.flatten(0, -2), targets, temperature, ce_weight, chunk_tokens)
 
 
-def _kl_top_k(student_logp: Tensor, teacher: TopKLogprobs, temperature: float) -> Tensor:
-    """Per-token KL [batch, seq] over the teacher's top-k tokens plus one rest bucket."""
+def _next_token_targets(labels: Tensor, shape: torch.Size, device) -> Tensor:
+    """[tokens] target of each position (labels shifted by one; IGNORE_INDEX at each sequence's end)."""
+    targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long, device=device)
+    targets[..., :-1] = labels[..., 1:]
+    return targets.flatten()
+
+
+class _FullVocabKD(torch.autograd.Function):
+    """(1 - w) T^2 mean KL + w CE over [tokens, vocab] logits, one chunk of tokens at a time.
+
+    The gradient is computed in the forward pass, chunk by chunk, into one tensor of the student's
+    dtype: d/dz_s [T^2 KL(p || q)] = T (q - p) with q = softmax(z_s / T), p = softmax(z_t / T), and
+    d/dz_s CE = softmax(z_s) - onehot(target). Nothing is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, targets, temperature, ce_weight, chunk):
+        n = student.shape[0]
+        n_ce = int((targets != IGNORE_INDEX).sum()) if targets is not None else 0
+        if ce_weight > 0 and n_ce == 0:
+            raise ValueError("kd_loss: ce_weight > 0 but every label is IGNORE_INDEX")
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(student.dtype, torch.float32)
+        kl_total, ce_total = student.new_zeros((), dtype=acc), student.new_zeros((), dtype=acc)
+        kl_scale = (1.0 - ce_weight) * temperature / n
+        for s in range(0, n, chunk):
+            zs, zt = student[s : s + chunk].to(acc), teacher[s : s + chunk].to(acc)
+            log_q, log_p = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)
+            p = log_p.exp()
+            kl_total += torch.where(p > 0, p * (log_p - log_q), 0.0).sum()
+            g = (log_q.exp() - p) * kl_scale if grad is not None else None
+            if ce_weight > 0:
+                ce_total += _ce_chunk(zs, targets[s : s + chunk], g, ce_weight / n_ce)
+            if g is not None:
+                grad[s : s + chunk] = g
+        ctx.save_for_backward(grad)
+        kl = (1.0 - ce_weight) * temperature**2 * kl_total / n
+        return kl + ce_weight * ce_total / max(n_ce, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None
+
+
+def _ce_chunk(logits: Tensor, targets: Tensor, grad: Tensor | None, scale: float) -> Tensor:
+    """Summed CE of logits [c, vocab] at targets [c]; adds scale * its gradient into grad [c, vocab]."""
+    keep = targets != IGNORE_INDEX
+    log_s = torch.log_softmax(logits, -1)
+    safe = targets.clamp(min=0)[:, None]
+    ce = -(log_s.gather(-1, safe)[:, 0] * keep).sum()
+    if grad is not None:
+        g = log_s.exp().scatter_add(-1, safe, torch.full_like(safe, -1.0, dtype=log_s.dtype))
+        grad.add_(g * keep[:, None].to(g.dtype) * scale)
+    return ce
+
+
+def _check_temperature(teacher: TopKLogprobs, temperature: float) -> None:
     if teacher.temperature != temperature:
         raise ValueError(
             f"teacher TopKLogprobs.temperature={teacher.temperature} but kd_loss temperature={temperature}; "
             "ask the teacher for top-k at the loss's temperature"
         )
-    teacher_logp = teacher.logprobs.float()
+
+
+def _chunked_top_k_kl(student: Tensor, teacher: TopKLogprobs, temperature: float, chunk: int) -> Tensor:
+    """Token-mean k+1-bucket KL of student [tokens, vocab] logits; each chunk is checkpointed (its
+    float32 log-softmax is recomputed in backward instead of kept)."""
+    logp, idx = teacher.logprobs.flatten(0, -2), teacher.indices.flatten(0, -2)
+    total = student.new_zeros((), dtype=torch.float32)
+    for s in range(0, student.shape[0], chunk):
+        args = (student[s : s + chunk], logp[s : s + chunk], idx[s : s + chunk], temperature)
+        grad = torch.is_grad_enabled() and student.requires_grad
+        total = total + (checkpoint(_kl_top_k_sum, *args, use_reentrant=False) if grad else _kl_top_k_sum(*args))
+    return total / student.shape[0]
+
+
+def _kl_top_k_sum(student: Tensor, teacher_logp: Tensor, indices: Tensor, temperature: float) -> Tensor:
+    """Summed KL over the teacher's top-k tokens plus one rest bucket: student [c, vocab] logits,
+    teacher_logp and indices [c, k]."""
+    student_logp = torch.log_softmax(student.float() / temperature, dim=-1)
+    teacher_logp = teacher_logp.float()
     teacher_p = teacher_logp.exp()
-    student_logp_k = student_logp.gather(-1, teacher.indices)
-    kl_k = (teacher_p * (teacher_logp - student_logp_k)).sum(-1)
-    if teacher.indices.shape[-1] == student_logp.shape[-1]:
-        return kl_k  # k = vocab: no rest bucket
-    teacher_rest = (1.0 - teacher_p.sum(-1)).clamp(min=0.0)
-    student_logp_rest = torch.logsumexp(student_logp.scatter(-1, teacher.indices, float("-inf")), dim=-1)
-    kl_rest = torch.xlogy(teacher_rest, teacher_rest) - teacher_rest * student_logp_rest
-    return kl_k + kl_rest
+    kl = (teacher_p * (teacher_logp - student_logp.gather(-1, indices))).sum(-1)
+    if indices.shape[-1] < student_logp.shape[-1]:
+        teacher_rest = (1.0 - teacher_p.sum(-1)).clamp(min=0.0)
+        student_logp_rest = torch.logsumexp(student_logp.scatter(-1, indices, float("-inf")), dim=-1)
+        kl = kl + torch.xlogy(teacher_rest, teacher_rest) - teacher_rest * student_logp_rest
+    return kl.sum()
 
 
 def causal_ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -99,10 +192,31 @@ def causal_ce(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
-def ild_loss(student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
-    """Mean squared error between [batch, seq, d_model] hidden states, averaged over every element."""
-    if student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(
-            f"ild_loss: student shape {tuple(student_hidden.shape)} != teacher {tuple(teacher_hidden.shape)}"
-        )
-    return F.mse_loss(student_hidden.float(), teacher_hidden.float())
+def ild_loss(
+    student_out: Tensor,
+    teacher_out: Tensor,
+    student_mixer: Tensor | None = None,
+    teacher_mixer: Tensor | None = None,
+) -> Tensor:
+    """The official Zebra-Llama ILD loss of one layer: token mean of ||student_out - teacher_out||_2
+    plus, when given, the token mean of ||student_mixer - teacher_mixer||_2.
+
+    *_out    [batch, seq, d_model] the layer's output (residual stream after the layer)
+    *_mixer  [batch, seq, d_model] the token mixer's output (attention / MLA / Mamba2, before the residual add)
+
+    The norm over d_model is not squared: a token's loss grows linearly with its error, so a few
+    outlier tokens do not dominate the batch as they do under the mean squared error.
+    """
+    loss = _token_l2(student_out, teacher_out, "out")
+    if (student_mixer is None) != (teacher_mixer is None):
+        raise ValueError("ild_loss: give both student_mixer and teacher_mixer, or neither")
+    if student_mixer is not None:
+        loss = loss + _token_l2(student_mixer, teacher_mixer, "mixer")
+    return loss
+
+
+def _token_l2(student: Tensor, teacher: Tensor, what: str) -> Tensor:
+    if student.shape != teacher.shape:
+        raise ValueError(f"ild_loss: student_{what} shape {tuple(student.shape)} != "
+                         f"teacher_{what} {tuple(teacher.shape)}")
+    return torch.linalg.vector_norm(student.float() - teacher.float(), dim=-1).mean()

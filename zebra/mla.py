@@ -6,16 +6,17 @@ shared by all heads. Head h sees
     q_h = [q_nope_h ; q_pe_h]      score = scale * (q_nope_h . W_kb_h c + q_pe_h . k_pe)
 The naive path decompresses k_h, v_h for every cached token and calls SDPA (prefill, training).
 The absorbed path folds W_kb_h into the query and W_vb_h into the output, so attention runs in
-latent space against the cache as stored (decode).
+latent space against the cache as stored (decode). A one-token step over a ZebraCache goes through
+kernels.decode.mla_decode (the Triton kernel on CUDA, its reference elsewhere).
 
 There are no norms on the latents (DeepSeek has q_a/kv_a RMSNorms): a norm between the factors
 would stop an SVD factorisation of the teacher's projections from being exact (zebra.init_mla).
 
 RoPE: HF rotate_half layout over the qk_rope_dim dims (dim p pairs with p + qk_rope_dim/2); pair p
-rotates at the teacher's frequency index rope_freq_idx[p], i.e. inv_freq = theta^(-2 idx / head_dim)
-with the teacher's head_dim. rope_freq_idx is a persistent per-layer buffer, initialised from
-ZebraConfig.rope_freq_idx and overwritten by the conversion, because each layer keeps its own
-frequencies.
+rotates at the teacher's frequency index rope_freq_idx[p], i.e. at inv_freq[rope_freq_idx[p]] of
+zebra.rope.mla_frequencies: the teacher's frequencies, scaled as its rope type says (llama3, yarn, ...).
+rope_freq_idx is a persistent per-layer buffer, initialised from ZebraConfig.rope_freq_idx and
+overwritten by the conversion, because each layer keeps its own frequencies.
 """
 from __future__ import annotations
 
@@ -23,20 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import ZebraCache
+from kernels.decode import mla_decode
+
+from .cache import ZebraCache, new_token_mask
 from .config import ZebraConfig
+from .rope import mla_frequencies
 
 
-def rope_cos_sin(position_ids: torch.Tensor, freq_idx: torch.Tensor, theta: float, head_dim: int):
-    """cos, sin [batch, seq, 2 * len(freq_idx)] in float32 for position_ids [batch, seq].
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0):
+    """cos, sin [batch, seq, 2 * P] in float32 for position_ids [batch, seq] and inv_freq [P] float32;
+    scaling (the rope type's attention scaling) multiplies both.
 
-    The arithmetic repeats HF's default RoPE step by step, so a kept frequency matches the
+    The arithmetic repeats HF's Llama RoPE step by step, so a kept frequency matches the
     teacher's bit for bit.
     """
-    inv_freq = 1.0 / (theta ** ((2 * freq_idx).float() / head_dim))
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scaling, emb.sin() * scaling
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -71,6 +75,15 @@ def attention_mask_4d(padding_mask: torch.Tensor | None, new: int, total: int, d
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+def latent_attention(q_latent, q_pe, latent, k_pe, mask, scale: float) -> torch.Tensor:
+    """Softmax attention in latent space. q_latent [b, h, t, r], q_pe [b, h, t, dr], latent [b, s, r],
+    k_pe [b, s, dr], mask bool [b|1, 1, t, s] (True: may attend) -> [b, h, t, r] in latent's dtype."""
+    scores = torch.einsum("bhtr,bsr->bhts", q_latent, latent) + torch.einsum("bhtp,bsp->bhts", q_pe, k_pe)
+    scores = (scores * scale).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    return torch.einsum("bhts,bsr->bhtr", probs.to(latent.dtype), latent)
+
+
 class MLAttention(nn.Module):
     """MLA token mixer of one ZebraForCausalLM layer. Linear weights are [out, in], no biases."""
 
@@ -82,7 +95,10 @@ class MLAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_dim, config.qk_rope_dim, config.v_head_dim
         self.scale = config.attn_scale
         self.absorb = config.mla_absorb
-        self.rope_theta, self.teacher_head_dim = config.rope_theta, config.head_dim
+        inv_freq, self.rope_scaling = mla_frequencies(config)
+        # A constant, not a buffer: from_pretrained leaves non-persistent buffers uninitialised.
+        self.rope_inv_freq = tuple(inv_freq.tolist())
+        self._inv_freq_memo: tuple = (None, None)  # ((device, rope_inv_freq), that tensor on the device)
         d_model, heads = config.hidden_size, config.num_attention_heads
         q_out = heads * (self.nope_dim + self.rope_dim)
         if config.q_rank is None:
@@ -104,21 +120,39 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         """hidden_states [batch, new, d_model], position_ids [batch, new] (long) -> [batch, new, d_model].
 
-        cache: appends this call's latent and RoPE key (prefill or decode) and attends to the whole
-        history. attention_mask: 0/1 [batch, cached + new] padding mask (left padding), or None.
+        cache: writes this call's latent and RoPE key at each row's positions (cache.lengths + arange(new))
+        and attends to the row's history plus the causal part of the new tokens. attention_mask: 0/1 padding
+        mask (left padding), [batch, new] without a cache, one column per cache position with one; or None.
         """
         q_nope, q_pe = self._query(hidden_states)
         latent, k_pe = self.kv_a_proj(hidden_states).split([self.kv_rank, self.rope_dim], dim=-1)
-        cos, sin = rope_cos_sin(position_ids, self.rope_freq_idx, self.rope_theta, self.teacher_head_dim)
+        inv_freq = self._inv_freq_on(position_ids.device)
+        cos, sin = rope_cos_sin(position_ids, inv_freq[self.rope_freq_idx], self.rope_scaling)
         cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
         k_pe = apply_rope(k_pe, cos, sin)
+        new = hidden_states.shape[1]
+        if cache is None or cache.fresh:  # no history: attend to the new tokens themselves
+            padding = None if attention_mask is None else new_token_mask(attention_mask, cache, new)
+            mask = attention_mask_4d(padding, new, new, hidden_states.device)
+        elif self.absorb and new == 1 and attention_mask is None:  # a decode step: the kernel masks by length
+            mask, lengths = None, (cache.lengths + 1).clamp(max=cache.read_len)
+        else:
+            mask = cache.mla_mask(new, attention_mask)
         if cache is not None:
-            latent, k_pe = cache.update_mla(self.layer_idx, latent.contiguous(), k_pe)
-        new, total = hidden_states.shape[1], latent.shape[1]
-        mask = attention_mask_4d(attention_mask, new, total, hidden_states.device)
-        attend = self.absorbed_attention if self._use_absorbed(new, total) else self.naive_attention
+            latent, k_pe = cache.update_mla(self.layer_idx, latent, k_pe)
+        if mask is None and cache is not None and not cache.fresh:
+            return self.o_proj(self.absorbed_attention(q_nope, q_pe, latent, k_pe, None, decode_lengths=lengths))
+        attend = self.absorbed_attention if self._use_absorbed(new, latent.shape[1]) else self.naive_attention
         return self.o_proj(attend(q_nope, q_pe, latent, k_pe, mask))
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """rope_inv_freq as float32 [head_dim // 2] on `device`, copied there once per device and value:
+        a CUDA graph cannot record a host-to-device copy, and a decode step should not pay one per layer."""
+        key = (device, self.rope_inv_freq)
+        if self._inv_freq_memo[0] != key:
+            self._inv_freq_memo = (key, torch.tensor(self.rope_inv_freq, dtype=torch.float32, device=device))
+        return self._inv_freq_memo[1]
 
     def _use_absorbed(self, new: int, total: int) -> bool:
         # Absorbed attention costs ~new*total*(2 kv_rank + rope) per head; the naive path pays
@@ -146,16 +180,19 @@ class MLAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return out.transpose(1, 2).reshape(b, t, heads * self.v_dim)
 
-    def absorbed_attention(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
-        """Attention in latent space: same arguments and result as naive_attention, K/V never formed."""
+    def absorbed_attention(self, q_nope, q_pe, latent, k_pe, mask, decode_lengths=None) -> torch.Tensor:
+        """Attention in latent space: same arguments and result as naive_attention, K/V never formed.
+
+        decode_lengths int [b]: one query per row (t == 1) over a cache whose row r holds decode_lengths[r]
+        valid positions; the step then runs through kernels.decode.mla_decode and mask is unused.
+        """
         (b, s), t = latent.shape[:2], q_nope.shape[2]
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
-        scores = torch.einsum("bhtr,bsr->bhts", q_lat, latent) + torch.einsum("bhtp,bsp->bhts", q_pe, k_pe)
-        if mask is None:
-            mask = causal_mask(t, s, latent.device)
-        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        out_lat = torch.einsum("bhts,bsr->bhtr", probs.to(latent.dtype), latent)
+        if decode_lengths is not None:
+            out_lat = mla_decode(q_lat[:, :, 0], q_pe[:, :, 0], latent, k_pe, decode_lengths, self.scale)[:, :, None]
+        else:
+            mask = causal_mask(t, s, latent.device) if mask is None else mask
+            out_lat = latent_attention(q_lat, q_pe, latent, k_pe, mask, self.scale)
         return torch.einsum("bhtr,hvr->bthv", out_lat, w_uv).reshape(b, t, self.num_heads * self.v_dim)

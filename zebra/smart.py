@@ -3,31 +3,37 @@ Transformer layers): which layers of the hybrid are MLA, the rest being Mamba2.
 
     scores = sensitivity_from_kl(kl_all_mamba, kl_per_layer)        # [num_layers], higher = MLA helps more
     n = num_mla_for_budget(0.05, teacher_kv_bytes, mla_layer_bytes, num_layers=30, min_layers=2)
-    layers = select_mla_layers(scores, n)                           # e.g. [0, 14, 29]
+    layers = select_mla_layers(scores, n)                           # e.g. [0, 10, 20]
 
 The paper's recipe: score layer i by how much the KL divergence to the teacher drops when layer i of
-the all-Mamba2 student (after ILD) is MLA instead; keep the first and last layers MLA; spread the
-rest near-uniformly over the depth, preferring high scores. Here "near-uniform" is a minimum
-distance between chosen layers, and within it the choice maximises the summed score exactly.
+the all-Mamba2 student (after ILD) is MLA instead, and place the MLA layers near-uniformly over
+the depth, preferring high scores.
 
-Deviations, on purpose:
-- The choice is exact (dynamic programming over layers), not greedy: picking the single best layer
-  first can leave no room for the others under the spacing, although a spaced choice exists.
+placement="near_uniform" (the default) is the shape of every official configuration ([0, 5, 10, 14]
+of 16 layers for Llama-3.2-1B, [0, 4, 8, 12, 16, 20, 25, 30] of 32 for Llama-3.1-8B): layer 0 first,
+then gaps of floor(D / (N - 1)) or ceil(D / (N - 1)) layers, D = last - first. We add one rule the
+official lists also obey, so that a placement spans the depth rather than bunching at the start:
+the layers after the last MLA layer are fewer than the smallest gap (num_layers - 1 - last <
+floor(D / (N - 1))). Among all placements of that shape the one with the largest summed score
+is chosen, exactly (a dynamic program per last layer over the gap sequences).
+
+placement="spaced" is the older, looser rule: a minimum distance between chosen layers
+(min_spacing), optionally pinning the first and last layers (keep_terminal), maximising the summed
+score exactly. Its choices such as [0, 21, 29] are far from uniform.
 - A min_spacing that no choice of num_mla layers can satisfy is relaxed to the largest one that
   can ((num_layers - 1) // (num_mla - 1)), with a warning; this equals lowering it by one until a
   choice exists, because feasibility depends only on the spacing.
-- keep_terminal pins layers 0 and num_layers - 1. The paper's published lists include layer 0 but
-  not the last layer ([0, 5, 10, 14] of 16 for Llama-3.2-1B, [0, 4, ..., 25, 30] of 32 for
-  Llama-3.1-8B): one MLA layer per block of about num_layers / num_mla layers. keep_terminal=False
-  with min_spacing about num_layers // num_mla gives choices of that shape.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 log = logging.getLogger(__name__)
+
+PLACEMENTS = ("near_uniform", "spaced")
 
 
 def sensitivity_from_kl(kl_all_mamba: float, kl_with_layer_i_mla: Sequence[float]) -> list[float]:
@@ -58,20 +64,31 @@ def max_feasible_spacing(num_layers: int, num_mla: int) -> int:
 
 
 def select_mla_layers(
-    scores: Sequence[float], num_mla: int, keep_terminal: bool = True, min_spacing: int | None = None
+    scores: Sequence[float],
+    num_mla: int,
+    keep_terminal: bool = True,
+    min_spacing: int | None = None,
+    placement: str = "near_uniform",
 ) -> list[int]:
     """Sorted indices of the num_mla layers to make MLA.
 
     scores: [num_layers] sensitivity per layer (higher = more benefit from MLA over Mamba2).
-    keep_terminal: with num_mla >= 2, layers 0 and num_layers - 1 are always chosen.
-    min_spacing: least index distance between two chosen layers (1 allows neighbours); None uses
-    default_min_spacing. Among all choices meeting these constraints the one with the largest
-    summed score is returned; ties go to earlier layers.
+    placement: "near_uniform" (official shape, see the module docstring; keep_terminal and
+    min_spacing do not apply) or "spaced":
+      keep_terminal: with num_mla >= 2, layers 0 and num_layers - 1 are always chosen.
+      min_spacing: least index distance between two chosen layers (1 allows neighbours); None uses
+      default_min_spacing.
+    Among all choices meeting the constraints the one with the largest summed score is returned;
+    ties go to earlier layers.
     """
     num_layers = len(scores)
     _check_selection_args(scores, num_mla)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if num_mla == 0:
         return []
+    if placement == "near_uniform":
+        return _best_near_uniform(scores, num_mla)
     spacing = default_min_spacing(num_layers, num_mla) if min_spacing is None else min_spacing
     if spacing < 1:
         raise ValueError(f"min_spacing must be >= 1, got {spacing}")
@@ -81,6 +98,67 @@ def select_mla_layers(
                     spacing, num_mla, num_layers, feasible)
         spacing = feasible
     return _best_spaced_subset(scores, num_mla, spacing, keep_terminal and num_mla >= 2)
+
+
+def near_uniform_gaps(last: int, num_mla: int) -> tuple[int, ...]:
+    """The gaps allowed between consecutive MLA layers of a near-uniform placement ending at `last`:
+    floor and ceil of last / (num_mla - 1) (one value when it divides)."""
+    small, rest = divmod(last, num_mla - 1)
+    return (small,) if rest == 0 else (small, small + 1)
+
+
+def near_uniform_lasts(num_layers: int, num_mla: int) -> list[int]:
+    """The possible last MLA layers of a near-uniform placement (num_mla >= 2): those whose tail
+    num_layers - 1 - last is shorter than the smallest gap."""
+    return [last for last in range(num_mla - 1, num_layers)
+            if num_layers - 1 - last < near_uniform_gaps(last, num_mla)[0]]
+
+
+def is_near_uniform(layers: Sequence[int], num_layers: int) -> bool:
+    """Whether sorted `layers` obey the near-uniform rule in a model of num_layers layers."""
+    if not layers or layers[0] != 0 or layers[-1] >= num_layers:
+        return False
+    if len(layers) == 1:
+        return True
+    gaps = near_uniform_gaps(layers[-1], len(layers))
+    steps = [b - a for a, b in zip(layers, layers[1:])]
+    return all(g in gaps for g in steps) and num_layers - 1 - layers[-1] < gaps[0]
+
+
+def near_uniform_placements(num_layers: int, num_mla: int) -> Iterator[list[int]]:
+    """Every near-uniform placement of num_mla layers (for inspection and tests; the selection
+    does not enumerate them)."""
+    if num_mla == 1:
+        yield [0]
+        return
+    for last in near_uniform_lasts(num_layers, num_mla):
+        gaps = near_uniform_gaps(last, num_mla)
+        big = last - gaps[0] * (num_mla - 1)  # how many gaps take the larger value
+        for where in itertools.combinations(range(num_mla - 1), big):
+            steps = [gaps[-1] if j in where else gaps[0] for j in range(num_mla - 1)]
+            yield list(itertools.accumulate(steps, initial=0))
+
+
+def _best_near_uniform(scores: Sequence[float], num_mla: int) -> list[int]:
+    """Max-sum near-uniform placement. For each possible last layer, best[p] holds the best sum of a
+    path 0 -> p in the steps taken so far, with every step one of the allowed gaps. O(L^2 * N)."""
+    if num_mla == 1:
+        return [0]
+    best_sum, best_path = -math.inf, None
+    for last in near_uniform_lasts(len(scores), num_mla):
+        gaps = near_uniform_gaps(last, num_mla)
+        paths = {0: (scores[0], [0])}
+        for _ in range(num_mla - 1):
+            step: dict[int, tuple[float, list[int]]] = {}
+            for p, (total, path) in sorted(paths.items()):
+                for g in gaps:
+                    q = p + g
+                    if q <= last and (q not in step or total + scores[q] > step[q][0]):
+                        step[q] = (total + scores[q], path + [q])
+            paths = step
+        if last in paths and paths[last][0] > best_sum:
+            best_sum, best_path = paths[last]
+    return best_path
 
 
 def _check_selection_args(scores: Sequence[float], num_mla: int) -> None:

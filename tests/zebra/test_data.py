@@ -142,6 +142,72 @@ def test_local_files_and_folders(tmp_path):
         load_texts(str(tmp_path / "src"))
 
 
+def test_shared_compressed_corpus_loads_a_few_records():
+    corpus = data.data_root() / "corpus" / "prose-v1.jsonl.xz"
+    if not corpus.is_file():
+        pytest.skip(f"no shared corpus at {corpus}")
+    texts = load_texts("$ZEBRA_DATA/corpus/prose-v1.jsonl.xz", limit=3)  # 30 MB compressed: read only its start
+    print([t[:60] for t in texts])
+    assert len(texts) == 3 and all(isinstance(t, str) and len(t) > 100 for t in texts)
+    assert load_texts(str(corpus), limit=3) == texts
+
+
+@pytest.mark.parametrize("suffix", ["", ".xz", ".gz", ".bz2"])
+def test_streaming_stops_at_the_limit(tmp_path, suffix):
+    """Line 4 is not JSON: reading 3 documents never gets there, reading 4 names the line."""
+    path = tmp_path / f"d.jsonl{suffix}"
+    body = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)) + "{broken\n"
+    data.COMPRESSIONS.get(suffix, open)(path, "wt", encoding="utf-8").write(body)
+    assert load_texts(str(path), limit=3) == ["doc 0", "doc 1", "doc 2"]
+    with pytest.raises(ValueError, match=f"{path.name}, line 4: not JSON"):
+        load_texts(str(path), limit=4)
+
+
+def test_compressed_formats_and_resolution(tmp_path, monkeypatch):
+    docs = ["first document", "second one"]
+    with data.COMPRESSIONS[".gz"](tmp_path / "d.json.gz", "wt") as f:
+        json.dump([{"text": t} for t in docs], f)
+    with data.COMPRESSIONS[".xz"](tmp_path / "book.txt.xz", "wt") as f:
+        f.write("a whole book")
+    assert load_texts(str(tmp_path / "d.json.gz")) == docs
+    assert load_texts(str(tmp_path / "d.json")) == docs  # the compressed file stands in for a missing plain one
+    assert load_texts(str(tmp_path / "book.txt.xz")) == ["a whole book"]
+    monkeypatch.setenv("ZEBRA_DATA", str(tmp_path))
+    assert data.resolve_local("$ZEBRA_DATA/d.json") == tmp_path / "d.json.gz"
+    (tmp_path / "plain.jsonl").write_text('{"text": "x"}\n')
+    assert data.resolve_local("$ZEBRA_DATA/plain.jsonl.xz") == tmp_path / "plain.jsonl"  # unpacked on the GPU host
+    assert load_texts("$ZEBRA_DATA/plain.jsonl.xz") == ["x"]
+
+
+def test_texts_for_tokens_reads_only_what_it_needs(tok):
+    def stream():
+        yield from ["abcd", "ef", "ghij"]  # 5, 3, 5 tokens with EOS
+        raise AssertionError("read past the documents needed")
+
+    assert data.texts_for_tokens(stream(), tok, 8, batch_size=1) == ["abcd", "ef"]
+    assert data.texts_for_tokens(iter(["abcd", "ef", "ghij"]), tok, 9, batch_size=2) == ["abcd", "ef", "ghij"]
+    assert data.texts_for_tokens(iter(["abcd"]), tok, 100) == ["abcd"]  # a short corpus: all of it
+
+
+def test_token_slices_are_disjoint_and_map_to_rows(caplog):
+    budgets = {"held_out": 100, "ild": 1000, "kd": 3000}
+    got = data.token_slices(budgets, 10_000)
+    assert got == {"held_out": (0, 100), "ild": (100, 1100), "kd": (1100, 4100)}
+    for seq_len in (7, 64, 100):
+        all_rows = range(10_000 // seq_len)
+        rows = {k: set(all_rows[data.rows_of(r, seq_len)]) for k, r in got.items()}
+        assert not rows["ild"] & rows["kd"] and not rows["held_out"] & rows["ild"]
+        for name, (start, stop) in got.items():  # every row's tokens lie inside the range
+            assert all(start <= r * seq_len and (r + 1) * seq_len <= stop for r in rows[name])
+    short = data.token_slices(budgets, 2050)  # half of what they want: each gets half
+    assert short == {"held_out": (0, 50), "ild": (50, 550), "kd": (550, 2050)}
+    assert "repeats" in caplog.text
+    with pytest.raises(ValueError, match="held_out gets no tokens"):
+        data.token_slices({"held_out": 1, "kd": 10_000}, 100)
+    with pytest.raises(ValueError, match="no whole sequence of seq_len 64"):
+        data.rows_of((10, 70), 64)
+
+
 def test_missing_sources_and_unknown_schemes_are_named(tmp_path):
     for missing in (tmp_path / "nope.jsonl", tmp_path / "nodir", Path("data/absent.parquet")):
         with pytest.raises(FileNotFoundError, match=str(missing)):

@@ -127,6 +127,14 @@ def test_naive_equals_absorbed(padded):
     assert torch.isfinite(absorbed).all() and diff < 1e-10
 
 
+def cached(mla, x, pos, cache, padding=None):
+    """One forward of the layer through a ZebraCache, with the bookkeeping the model does around its layers."""
+    cache.begin(x.shape[1], x.shape[0])
+    out = mla(x, pos, cache, padding)
+    cache.advance(x.shape[1])
+    return out
+
+
 @pytest.mark.parametrize("absorb", [True, False])
 def test_decode_with_cache_equals_full_forward(absorb):
     mla = random_mla(mla_absorb=absorb)
@@ -134,10 +142,10 @@ def test_decode_with_cache_equals_full_forward(absorb):
     cfg = zebra_config(8, 12)
     with torch.no_grad(), mock.patch.object(mla, "absorbed_attention", wraps=mla.absorbed_attention) as absorbed:
         full = mla(x, pos)
-        step_cache, split_cache = ZebraCache(cfg), ZebraCache(cfg)
-        steps = torch.cat([mla(x[:, t : t + 1], pos[:, t : t + 1], step_cache) for t in range(8)], dim=1)
+        step_cache, split_cache = (ZebraCache(cfg, 2, 8, dtype=torch.float64) for _ in range(2))
+        steps = torch.cat([cached(mla, x[:, t : t + 1], pos[:, t : t + 1], step_cache) for t in range(8)], dim=1)
         chunks = [(0, 5), (5, 6), (6, 8)]  # prefill, one decode step, a two-token step
-        split = torch.cat([mla(x[:, a:b], pos[:, a:b], split_cache) for a, b in chunks], dim=1)
+        split = torch.cat([cached(mla, x[:, a:b], pos[:, a:b], split_cache) for a, b in chunks], dim=1)
     diffs = [(y - full).abs().max().item() for y in (steps, split)]
     print(f"absorb={absorb}: token-by-token / prefill-then-decode max diff {diffs}")
     assert max(diffs) < 1e-10
@@ -155,10 +163,10 @@ def test_left_padding_matches_unpadded():
     padding[1, :pad] = 0
     pos = torch.stack([torch.arange(total + 1), (torch.arange(total + 1) - pad).clamp(min=1)])
     with torch.no_grad():
-        cache = ZebraCache(zebra_config(8, 12))
-        prefill = mla(x[:, :total], pos[:, :total], cache, padding)
+        cache = ZebraCache(zebra_config(8, 12), 2, total + 1, dtype=torch.float64)
+        prefill = cached(mla, x[:, :total], pos[:, :total], cache, padding)
         padding = torch.cat([padding, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        step = mla(x[:, total:], pos[:, total:], cache, padding)
+        step = cached(mla, x[:, total:], pos[:, total:], cache, padding)
         got = [torch.cat([prefill, step], dim=1)[0], torch.cat([prefill, step], dim=1)[1, pad:]]
         want = [mla(x[:1], pos[:1])[0], mla(x[1:, pad:], pos[1:, pad:])[0]]
     diffs = [(g - w).abs().max().item() for g, w in zip(got, want)]
