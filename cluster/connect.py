@@ -3,7 +3,9 @@
     connect(spec.cluster.address, spec.cluster.num_cpus)
 
 An address (the spec's, else $RAY_ADDRESS, which `ray job submit` sets) joins that cluster;
-with neither, Ray starts inside this process with `num_cpus` logical CPUs (None: all cores).
+with neither, a Ray of this process's own starts with `num_cpus` logical CPUs (None: all cores),
+whatever else runs on the machine: Ray's own lookup would join the cluster that the last
+`ray start` on this machine recorded (even one since killed) and then refuse num_cpus.
 An already connected driver (a test, a notebook) keeps its connection.
 """
 from __future__ import annotations
@@ -30,6 +32,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         log.info("joined the Ray cluster at %s", address)
         return f"joined {address}"
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)  # inherited by the embedded cluster's processes
-    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     log.info("started an embedded Ray with %s CPUs", num_cpus or "all")
     return "embedded"

@@ -15,8 +15,14 @@ The cost: Ray does not count the teacher's GPU memory; the worker's reservation 
 """
 from __future__ import annotations
 
+import logging
+import math
+
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+log = logging.getLogger(__name__)
 
 
 def worker_resources(use_gpu: bool, cpus_per_worker: float = 1.0) -> dict[str, float]:
@@ -42,3 +48,19 @@ def beside_this_worker(num_cpus: float) -> dict:
     if gpu_ids:
         options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": str(gpu_ids[0])}}
     return options
+
+
+def teacher_cpus_that_fit(workers: int, per_worker: dict[str, float], wanted: float,
+                          cluster: dict[str, float] | None = None) -> float:
+    """CPUs to reserve for each teacher actor: `wanted`, or less, down to 0, so that `workers` Ray Train
+    workers of `per_worker` and their teachers fit in the cluster's CPUs (`cluster`: its resources,
+    default ray.cluster_resources()). A teacher of 0 CPUs still runs; Ray only reserves no CPU for it.
+    Without this, a cluster whose CPUs the workers fill leaves each worker waiting on its teacher forever.
+    """
+    total = (ray.cluster_resources() if cluster is None else cluster).get("CPU", 0.0)
+    spare = total - workers * per_worker.get("CPU", 0.0)
+    fit = max(0.0, math.floor(spare / workers * 100) / 100)  # whole hundredths: Ray's resources are fixed-point
+    if fit < wanted:
+        log.info("teacher actors get %g CPUs each, not %g: the cluster's %g CPUs go to %d workers of %g", fit,
+                 wanted, total, workers, per_worker.get("CPU", 0.0))
+    return min(wanted, fit)

@@ -150,28 +150,56 @@ class Cluster(NamedTuple):
     gcs_port: int
 
 
+@contextlib.contextmanager
+def head_node(num_cpus: int, temp_dir: Path, dashboard: bool = True, **env: str):
+    """A running `ray start --head --block` of `num_cpus` CPUs on 127.0.0.1 with its own --temp-dir and
+    free ports, its own auth token, and `env` in its environment; stopped (every process of it) on exit.
+    Yields a Cluster once its job API is up (with dashboard) or its GCS answers (without)."""
+    token = secrets.token_hex(32)
+    gcs, dash, agent, client = free_ports(4)
+    cmd = [RAY_CLI, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--dashboard-agent-listen-port",
+           str(agent), "--ray-client-server-port", str(client), "--num-cpus", str(num_cpus), "--temp-dir",
+           str(temp_dir), "--disable-usage-stats", "--include-dashboard", str(dashboard).lower()]
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    start_log = temp_dir / "ray-start.log"
+    with open(start_log, "w") as out:
+        path = f"{python_only_bin(temp_dir / 'bin')}{os.pathsep}{os.environ['PATH']}"
+        env = child_env(**CLUSTER_ENV, **auth_env(token), PATH=path, **{MARKER_ENV: str(temp_dir)}, **env)
+        head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        if dashboard:
+            wait_for_jobs_api(url, token, head, start_log)
+        else:
+            wait_for_address_file(temp_dir, head, start_log)
+        yield Cluster(url, token, temp_dir, gcs)
+    finally:
+        if head.poll() is not None:  # `ray start --block` ends when any process of the head dies
+            log.warning("`ray start --head` ended early (exit code %s); its output:\n%s", head.returncode,
+                        start_log.read_text()[-4000:])
+        stop_head(head, str(temp_dir))
+
+
+def wait_for_address_file(temp_dir: Path, head: subprocess.Popen, log: Path) -> None:
+    """`ray start` writes <temp-dir>/ray_current_cluster once its head node is up."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not (temp_dir / "ray_current_cluster").is_file():
+        if head.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"`ray start --head` did not come up (exit code {head.poll()}); its output:\n"
+                        f"{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A one-node `ray start --head` cluster with 4 CPUs, its dashboard on 127.0.0.1. (Ray swaps a
     --node-ip-address of 127.0.0.1 for the machine's reachable address in the GCS address.)"""
     temp_dir = Path(tempfile.mkdtemp(prefix="zray-"))  # short: Ray's socket paths must fit in 107 bytes
-    token = secrets.token_hex(32)
-    gcs, dashboard, agent, client = free_ports(4)
-    cmd = [RAY_CLI, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port",
-           str(agent), "--ray-client-server-port", str(client), "--num-cpus", "4", "--temp-dir", str(temp_dir),
-           "--disable-usage-stats", "--include-dashboard", "true"]
-    start_log = temp_dir / "ray-start.log"
-    with open(start_log, "w") as out:
-        path = f"{python_only_bin(temp_dir / 'bin')}{os.pathsep}{os.environ['PATH']}"
-        env = child_env(**CLUSTER_ENV, **auth_env(token), PATH=path, **{MARKER_ENV: str(temp_dir)})
-        head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for_jobs_api(url, token, head, start_log)
-        yield Cluster(url, token, temp_dir, gcs)
+        with head_node(4, temp_dir) as c:
+            yield c
     finally:
-        stop_head(head, str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -194,6 +222,7 @@ def uploaded_working_dir(temp_dir: Path) -> Path:
 def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(cluster, teacher_dir, data_file, tmp_path):
     storage = tmp_path / "run"
     data = spec_dict(teacher_dir, data_file, storage)
+    data["storage"]["shared"] = True  # an absolute path on the one node: what a job needs (preflight)
     for stage in ("ild", "kd"):  # the test is the submission, not the training: 4 steps of one worker
         data[stage].update(workers=1, teacher_mode="inprocess", tokens=4 * 64)
     spec = tmp_path / "spec.yaml"

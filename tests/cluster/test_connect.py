@@ -1,0 +1,60 @@
+"""cluster.connect without an address starts a Ray of its own, whatever Ray runs on the machine: a live
+`ray start --head` cluster, or only the address file a killed one left in Ray's temp folder. (Ray's
+own lookup would join that cluster and then refuse num_cpus: "When connecting to an existing
+cluster, num_cpus and num_gpus must not be provided".)
+
+Each test runs connect in a child process whose RAY_TMPDIR is a folder of the test's own, so the
+cluster it meets (and the address file in <RAY_TMPDIR>/ray) is the test's, not the machine's.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.jobs.test_submit import REPO, free_ports, head_node
+
+CONNECT = """
+import ray
+from cluster.connect import connect
+how = connect(None, 2)
+print("connect:", how, ray.cluster_resources().get("CPU"), ray.get_runtime_context().gcs_address)
+"""
+
+
+def connect_in_child(ray_tmpdir: Path) -> tuple[str, float, str]:
+    """(how, CPUs of the cluster it got, its GCS address) of connect(None, num_cpus=2) in a child process."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmpdir)
+    done = subprocess.run([sys.executable, "-c", CONNECT], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("connect:"))
+    _, how, cpus, address = line.split()
+    return how, float(cpus), address
+
+
+@pytest.fixture
+def ray_tmpdir():
+    folder = Path(tempfile.mkdtemp(prefix="zrt-"))  # short: Ray's socket paths must fit in 107 bytes
+    yield folder
+    subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+@pytest.mark.slow
+def test_embedded_connect_while_a_ray_start_cluster_runs(ray_tmpdir):
+    with head_node(1, ray_tmpdir / "ray", dashboard=False) as cluster:
+        assert (ray_tmpdir / "ray" / "ray_current_cluster").is_file()  # what a plain ray.init() would join
+        how, cpus, address = connect_in_child(ray_tmpdir)
+    assert how == "embedded" and cpus == 2.0  # its own Ray, with the CPUs asked for (the head has 1)
+    assert not address.endswith(f":{cluster.gcs_port}")
+
+
+@pytest.mark.slow
+def test_embedded_connect_with_the_address_file_of_a_killed_cluster(ray_tmpdir):
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_ports(1)[0]}")
+    how, cpus, _ = connect_in_child(ray_tmpdir)
+    assert how == "embedded" and cpus == 2.0
