@@ -23,8 +23,10 @@ MODES = ("inprocess", "actor")
 
 
 def measure(spec, ctx, mode: str, steps: int, storage_path: str) -> dict:
-    from jobs.stages.common import compose_hybrid, data_factory, load_teacher_model, train_config
+    from jobs.context import data_factory, train_config
     from jobs.train import distill, kd_objective
+    from zebra.hybrid import compose_hybrid
+    from zebra.teacher import load_teacher_model
 
     mla_layers = ctx.storage.stage_info("smart")["mla_layers"]
     factory = functools.partial(compose_hybrid, ctx.model_dir("ild/mla"), ctx.model_dir("ild/mamba"), mla_layers)

@@ -25,6 +25,8 @@ from pathlib import Path
 import boto3
 import botocore.exceptions
 
+from zebra.paths import cache_root
+
 log = logging.getLogger(__name__)
 
 CKPT = "ckpt"
@@ -32,11 +34,6 @@ MANIFEST_SUFFIX = ".done"
 COMPLETE = "COMPLETE.json"
 TMP_PREFIX = ".tmp-"  # local partial writes; never listed
 DEFAULT_KEEP = 3
-
-
-def _cache_root() -> Path:
-    # zebra.teacher.cache_root's convention, restated so storage imports without torch/transformers
-    return Path(os.environ.get("ZEBRA_CACHE", Path.home() / ".cache" / "zebra"))
 
 
 def open_storage(uri: str, s3_endpoint_url: str | None = None, cache_dir: str | Path | None = None) -> Storage:
@@ -87,6 +84,24 @@ def _ckpt_prefix(stage: str, step: int) -> str:
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
     return f"{_key(stage, prefix=True)}/{CKPT}/{step:08d}"
+
+
+def fetch_uri(uri: str, endpoint_url: str | None = None) -> Path:
+    """A fresh local copy of s3://bucket/key under $ZEBRA_CACHE/data/s3/bucket/key: the object itself,
+    or every object under the folder `key`. The one S3 reader for inputs (a corpus): zebra reads
+    only local paths. Raises FileNotFoundError naming the URI when nothing is there."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    key = key.strip("/")
+    store = S3Storage(f"s3://{bucket}", endpoint_url, cache_dir=cache_root() / "data" / "s3" / bucket)
+    if key and store.exists(key):
+        dest = store.local_path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(store.read_bytes(key))
+        return dest
+    try:
+        return store.fetch_dir(key)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri}: no such object, and no objects under it") from e
 
 
 class Storage(abc.ABC):
@@ -275,6 +290,10 @@ class LocalStorage(Storage):
         shutil.copytree(src, local_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TMP_PREFIX + "*"))
         return Path(local_dir)
 
+    def pyarrow_location(self, key_prefix: str):
+        """(path, None) of a folder for Ray Train/Tune's storage_path (None: the default filesystem)."""
+        return str(self.local_path(key_prefix).resolve()), None
+
     def fetch_dir(self, key_prefix: str) -> Path:
         path = self.local_path(key_prefix)
         if not path.is_dir():
@@ -292,7 +311,7 @@ class S3Storage(Storage):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        self.cache_dir = Path(cache_dir) if cache_dir else _cache_root() / "storage" / bucket / self.prefix
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "storage" / bucket / self.prefix
         self.client = boto3.client("s3", endpoint_url=self.endpoint_url)
         self._check_bucket()
 
@@ -398,6 +417,16 @@ class S3Storage(Storage):
             with self._errors(key):
                 self.client.download_file(self.bucket, self._full(key), str(dest))
         return Path(local_dir)
+
+    def pyarrow_location(self, key_prefix: str):
+        """(path, pyarrow filesystem or None) of a folder for Ray Train/Tune's storage_path: s3://... with
+        AWS's endpoint, else bucket/prefix on a pyarrow S3FileSystem at this storage's endpoint."""
+        if self.endpoint_url is None:
+            return f"{self.uri}/{_key(key_prefix, prefix=True)}".rstrip("/"), None
+        from pyarrow import fs
+
+        path = f"{self.bucket}/{self._folder(key_prefix)}".rstrip("/")
+        return path, fs.S3FileSystem(endpoint_override=self.endpoint_url)
 
     def fetch_dir(self, key_prefix: str) -> Path:
         dest = self.local_path(key_prefix)

@@ -1,6 +1,6 @@
 """report.md of a run, with PNG plots: stages (wall time, tokens), KV cache, init errors, ILD/KD/DPO
-loss curves, SMART scores, DPO held-out preference metrics, eval table. Built from the stage infos
-alone, so a rerun rewrites it without redoing work."""
+loss curves, SMART scores, DPO held-out preference metrics, eval table. Built from the stages' typed
+outputs (jobs.outputs) alone, so a rerun rewrites it without redoing work."""
 from __future__ import annotations
 
 import logging
@@ -11,11 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from jobs.outputs import StageOutput  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
-def write_report(name: str, infos: dict[str, dict], out_dir: Path) -> Path:
-    """Write out_dir/report.md and its PNGs; returns the report's path."""
+def write_report(name: str, infos: dict[str, StageOutput], out_dir: Path) -> Path:
+    """Write out_dir/report.md and its PNGs from the outputs by stage name; returns the report's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"# Zebra run `{name}`\n", _stages(infos), _kv(infos), _init_errors(infos), _ild(infos),
              _plot_curves(infos, out_dir), _plot_smart(infos, out_dir), _kd(infos), _dpo(infos), _eval(infos)]
@@ -29,10 +31,9 @@ def _stages(infos: dict) -> str:
     rows = ["## Stages\n", "| stage | wall time (s) | tokens | training tokens/s | peak GPU GiB | restarts |",
             "|---|---:|---:|---:|---:|---|"]
     for s, i in infos.items():
-        if "wall_s" in i:
-            history = i.get("history", [])
-            rows.append(f"| {s} | {i['wall_s']:.1f} | {i['tokens']:,} | {_speed(history)} | "
-                        f"{_peak(history)} | {_restarts(history)} |")
+        history = getattr(i, "history", [])
+        rows.append(f"| {s} | {i.wall_s:.1f} | {i.tokens:,} | {_speed(history)} | "
+                    f"{_peak(history)} | {_restarts(history)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -56,8 +57,8 @@ def _restarts(history: list[dict]) -> str:
 def _kv(infos: dict) -> str:
     if "init" not in infos or "export" not in infos:
         return ""
-    teacher = infos["init"]["kv_bytes_per_token"]["teacher"]
-    student = infos["export"]["kv_bytes_per_token"]
+    teacher = infos["init"].kv_bytes_per_token["teacher"]
+    student = infos["export"].kv_bytes_per_token
     return (f"## KV cache (bf16)\n\nteacher {teacher:,} bytes/token, hybrid {student:,} bytes/token: "
             f"fraction {student / teacher:.4f}\n")
 
@@ -65,7 +66,7 @@ def _kv(infos: dict) -> str:
 def _init_errors(infos: dict) -> str:
     if "init" not in infos:
         return ""
-    errs = infos["init"]["init_errors"]
+    errs = infos["init"].init_errors
     rows = ["## Init error per layer (relative, before ILD)\n", "| layer | MLA | Mamba2 |", "|---:|---:|---:|"]
     rows += [f"| {i} | {a:.4f} | {b:.4f} |" for i, (a, b) in enumerate(zip(errs["mla"], errs["mamba"]))]
     return "\n".join(rows) + "\n"
@@ -76,14 +77,14 @@ def _ild(infos: dict) -> str:
         return ""
     i = infos["ild"]
     return "## ILD held-out MSE (summed over layers)\n\n" + "\n".join(
-        f"- {k}: {i['mse_before'][k]:.5f} -> {i['mse_after'][k]:.5f}" for k in i["mse_before"]) + "\n"
+        f"- {k}: {i.mse_before[k]:.5f} -> {i.mse_after[k]:.5f}" for k in i.mse_before) + "\n"
 
 
 def _kd(infos: dict) -> str:
     if "kd" not in infos:
         return ""
     i = infos["kd"]
-    return f"## KD\n\nMLA layers {i['mla_layers']}; held-out KL(teacher || hybrid) {i['kl_before']:.4f} -> {i['kl_after']:.4f}\n"
+    return f"## KD\n\nMLA layers {i.mla_layers}; held-out KL(teacher || hybrid) {i.kl_before:.4f} -> {i.kl_after:.4f}\n"
 
 
 DPO_METRICS = {
@@ -98,19 +99,19 @@ def _dpo(infos: dict) -> str:
     if "dpo" not in infos:
         return ""
     i = infos["dpo"]
-    rows = [f"## DPO\n\n{i['pairs']:,} training pairs; {i['held_out_pairs']} held-out pairs, before -> after:\n",
+    rows = [f"## DPO\n\n{i.pairs:,} training pairs; {i.held_out_pairs} held-out pairs, before -> after:\n",
             "| metric | before | after |", "|---|---:|---:|"]
-    rows += [f"| {label} | {i[f'{k}_before']:.4f} | {i[f'{k}_after']:.4f} |" for k, label in DPO_METRICS.items()]
+    rows += [f"| {label} | {i.before[k]:.4f} | {i.after[k]:.4f} |" for k, label in DPO_METRICS.items()]
     return "\n".join(rows) + "\n"
 
 
 def _plot_curves(infos: dict, out_dir: Path) -> str:
-    stages = [s for s in ("ild", "kd", "dpo") if infos.get(s, {}).get("history")]
+    stages = [s for s in ("ild", "kd", "dpo") if s in infos and infos[s].history]
     if not stages:
         return ""
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, s in zip(axes[0], stages):
-        hist = infos[s]["history"]
+        hist = infos[s].history
         ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], marker=".")
         ax.set(title=f"{s} training loss", xlabel="optimizer step", ylabel="loss")
     fig.tight_layout()
@@ -122,7 +123,9 @@ def _plot_curves(infos: dict, out_dir: Path) -> str:
 def _plot_smart(infos: dict, out_dir: Path) -> str:
     if "smart" not in infos:
         return ""
-    scores, chosen = infos["smart"]["scores"], set(infos["smart"]["mla_layers"])
+    scores, chosen = infos["smart"].scores, set(infos["smart"].mla_layers)
+    if scores is None:  # smart disabled: the spec gave the layers
+        return f"## SMART\n\nMLA layers: {sorted(chosen)} (given by student.mla_layers; not scored)\n"
     fig, ax = plt.subplots(figsize=(max(5, len(scores) * 0.3), 3.5))
     ax.bar(range(len(scores)), scores, color=["tab:red" if i in chosen else "tab:gray" for i in range(len(scores))])
     ax.set(title="SMART: KL(all Mamba2) - KL(layer i MLA); red = chosen", xlabel="layer", ylabel="nats/token")
@@ -133,7 +136,7 @@ def _plot_smart(infos: dict, out_dir: Path) -> str:
 
 
 def _eval(infos: dict) -> str:
-    rows = infos.get("eval", {}).get("rows")
+    rows = infos["eval"].rows if "eval" in infos else None
     if not rows:
         return ""
     from serve.eval import markdown_table  # here: lm-eval is a heavy import

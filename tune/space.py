@@ -24,7 +24,8 @@ from zebra.mamba2 import Mamba2Mixer
 from zebra.mla import MLAttention
 from zebra.modeling import ZebraForCausalLM
 
-FP32 = 4  # bytes: trials train in float32 (bf16 autocast on GPU keeps float32 weights and states)
+FP32 = 4  # bytes: 4 x FP32 per parameter covers the recipe's states (float32 weights, gradients, AdamW
+# moments; or under DeepSpeed bf16 on GPU: bf16 weights and gradients, float32 master weights and moments)
 LOGIT_COPIES = 8  # float32-sized copies of a micro-batch's tokens x vocab alive at a step's peak (4 was 1.3 GiB short)
 
 
@@ -135,12 +136,12 @@ def shared_students(arms: list[Arm]) -> list[SharedShape]:
 def trial_memory_bytes(spec: JobSpec, teacher_config, arms: list[Arm]) -> dict[str, int]:
     """Per arm key, a rough upper estimate of one trial's peak memory while it trains, in bytes.
 
-    float32 hybrid weights, gradients and two AdamW moments (4 x its parameters), the teacher's
-    weights, the logits of a micro-batch (under bf16 autocast: the teacher's bf16 logits, their
-    float32 copy and log-softmax; the student's bf16 logits, float32 copy and log-softmax; the KL
-    terms; the gradients: LOGIT_COPIES float32 copies of tokens x vocab) and the activations kept
-    for backward (about 16 x hidden + 4 x intermediate values per token and layer). The held-out
-    teacher logits stay in host memory (jobs.stages.common.teacher_logits). Composing the hybrid
+    The hybrid's training states (4 x FP32 bytes per parameter, see FP32), the teacher's weights,
+    the logits of a micro-batch (the teacher's logits, their float32 copy and log-softmax; the
+    student's logits, float32 copy and log-softmax; the KL terms; the gradients: LOGIT_COPIES
+    float32 copies of tokens x vocab) and the activations kept for backward (about 16 x hidden +
+    4 x intermediate values per token and layer). The held-out teacher logits stay in host memory
+    (jobs.train's held-out evaluation). Composing the hybrid
     briefly holds the two pure students and the hybrid instead, less than the training states.
     Measured on an H100 (notes/GPU.md, SmolLM2, 4 x 512 tokens): peak 9.00 GiB allocated, estimate 9.18.
     """

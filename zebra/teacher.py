@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .paths import cache_root, looks_local
+
 log = logging.getLogger(__name__)
 
 DEFAULT = "default"
@@ -39,10 +41,6 @@ def default_teacher_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("ZEBRA_CACHE", Path.home() / ".cache" / "zebra"))
-
-
 def resolve_teacher(source: str) -> tuple[str, str]:
     """("folder" | "gguf" | "hub", location) for a teacher source; raises TeacherNotFound naming it."""
     if source == DEFAULT:
@@ -56,7 +54,7 @@ def resolve_teacher(source: str) -> tuple[str, str]:
         if not path.is_file():
             raise TeacherNotFound(f"teacher GGUF file {path} does not exist")
         return "gguf", str(path)
-    if path.is_absolute() or source.startswith((".", "~")) or path.exists() or source.count("/") > 1:
+    if looks_local(source):
         raise TeacherNotFound(f"teacher {source!r}: no such folder or .gguf file")
     return "hub", source
 
@@ -93,15 +91,28 @@ def teacher_folder(source: str) -> str:
     return str(_gguf_as_folder(Path(where))) if kind == "gguf" else where
 
 
-def load_teacher(source: str = DEFAULT, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer). Raises TeacherNotFound naming the source when it cannot load."""
+def load_teacher_model(source: str = DEFAULT, dtype: torch.dtype | str = torch.float32):
+    """The teacher (any source resolve_teacher takes) in eval mode; dtype a torch dtype or its name
+    ("float32", "bfloat16", ...). The one teacher loader: stages, Tune trials and the CLI use it, and
+    a picklable `functools.partial` of it is a jobs.train.distill teacher_factory."""
     where = teacher_folder(source)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(where)
     except OSError as e:
         raise TeacherNotFound(f"teacher {source!r}: could not load from {where} ({e})") from e
     check_llama_like(model, source)
+    return model.eval()
+
+
+def load_teacher(source: str = DEFAULT, dtype: torch.dtype = torch.float32):
+    """(load_teacher_model, its tokenizer). Raises TeacherNotFound naming the source when it cannot load."""
+    model = load_teacher_model(source, dtype)
+    where = teacher_folder(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except OSError as e:
+        raise TeacherNotFound(f"teacher {source!r}: could not load its tokenizer from {where} ({e})") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok

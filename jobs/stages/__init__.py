@@ -1,1 +1,2 @@
-"""The pipeline's stages, one module each, every one with `run(spec, ctx) -> info` (see jobs.run)."""
+"""The pipeline's stages, one module each, every one with `run(spec, ctx) -> its output` (a jobs.outputs
+dataclass); jobs.run.PIPELINE is the table of them, in order."""

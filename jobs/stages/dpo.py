@@ -1,51 +1,46 @@
-"""Stage dpo (optional): preference tuning of the KD hybrid with TRL's DPOTrainer on Ray Train.
+"""Stage dpo (optional): preference tuning of the KD hybrid, one more objective of the recipe (jobs.train).
 
-    check(spec)            jobs.run's preflight: refuses what cannot work, before any stage runs
-    info = run(spec, ctx)  dpo/model; held-out preference metrics before and after; the loss curve
+    check(spec)              jobs.run's preflight: refuses what cannot work, before any stage runs
+    out = run(spec, ctx)     dpo/model; held-out preference metrics before and after; the loss curve
 
-The policy starts from kd/model and the frozen reference is a second copy of kd/model. Pairs come
-from dpo.dataset (a local .jsonl/.json/.parquet file or folder, or a hub dataset): columns
-prompt/chosen/rejected as text or as chat messages, or chosen/rejected chats whose common first
-turns are the prompt (HuggingFaceH4/ultrafeedback_binarized). The last dpo.held_out_pairs are kept
-out of training. Each Ray Train worker runs the HF Trainer inside (DeepSpeed ZeRO-dpo.zero_stage);
-its checkpoints (every checkpoint_every steps and at the end) are Ray Train checkpoints of the run
-dpo-<section hash>, so an interrupted stage resumes from the latest one.
+The policy starts from kd/model; the frozen reference, a second copy of kd/model, takes the
+teacher's role (beside each worker, as dpo.teacher_mode says) and gives the log-probs the DPO loss
+(zebra.dpo) compares against. Pairs come from dpo.dataset (a local .jsonl/.json/.parquet file or
+folder, or a hub dataset): columns prompt/chosen/rejected as text or as chat messages, or
+chosen/rejected chats whose common first turns are the prompt (HuggingFaceH4/ultrafeedback_binarized),
+tokenized as TRL's DPOTrainer does. The last dpo.held_out_pairs are kept out of training. Training
+is jobs.train.distill (DeepSpeed ZeRO-dpo.zero_stage, checkpoints of the Ray Train run
+dpo-<section hash>, so an interrupted stage resumes from the latest one).
 """
 from __future__ import annotations
 
-import json
+import functools
 import logging
-import tempfile
 from pathlib import Path
 
 import datasets
-import ray
+import numpy as np
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-from ray.train.torch import TorchConfig, TorchTrainer
 from torch import Tensor, nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
-from trl import DPOConfig, DPOTrainer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl.data_utils import common_prefix_length, extract_prompt, is_conversational
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from cluster.placement import worker_resources
-from jobs.spec import BUILTIN_DATA, DpoSpec, JobSpec, SpecError
-from jobs.stages.common import Context, load_student
-from jobs.train import resolve_bf16
+from jobs.context import Context, curve, train_config
+from jobs.outputs import DpoOutput
+from jobs.spec import BUILTIN_DATA, JobSpec, SpecError
+from jobs.train import Objective, distill
+from zebra.data import PackedDataset
+from zebra.dpo import completion_logps, dpo_loss, preference_metrics
+from zebra.hybrid import load_student
 
 log = logging.getLogger(__name__)
 
 PAIR_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> datasets builder
-HF_CHECKPOINT = RayTrainReportCallback.CHECKPOINT_NAME  # the HF checkpoint's folder in a Ray Train checkpoint
-MAX_FAILURES = 2  # worker-group restarts from the last checkpoint before the stage fails
 
 
 def check(spec: JobSpec) -> None:
     """Refuse an enabled dpo section that cannot run: kd disabled, or a dataset that cannot hold
-    preference pairs. Loads nothing (dpo.teacher_mode means nothing here: DPO has no teacher)."""
+    preference pairs. Loads nothing."""
     d = spec.dpo
     if not d.enabled:
         return
@@ -89,45 +84,60 @@ def _pair_files(path: Path) -> tuple[str, list[str]]:
     return builders[0], [str(p) for p in files]
 
 
-def run(spec: JobSpec, ctx: Context) -> dict:
-    """Tune kd/model on the pairs, save dpo/model; info: tokens, pairs, held-out metrics before/after
-    (preference_metrics, as <metric>_before and <metric>_after), the loss curve (history)."""
+def run(spec: JobSpec, ctx: Context) -> DpoOutput:
+    """Tune kd/model on the pairs, save dpo/model; held-out metrics before/after (preference_metrics)."""
     d = spec.dpo
-    train_path, held, n_train = _split_pairs(spec, ctx)
-    kd_dir = ctx.model_dir("kd/model")
     tokenizer = AutoTokenizer.from_pretrained(ctx.teacher_dir)
-    reference = pair_logps(load_student(kd_dir), tokenizer, held, d.seq_len)
-    result = _fit(spec, ctx, kd_dir, train_path)
-    policy = load_student(kd_dir)
-    with result.checkpoint.as_directory() as ckpt:  # the fp32 weights, merged from every rank's ZeRO shards
-        policy.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt) / HF_CHECKPOINT)))
-        history = _history(Path(ckpt) / HF_CHECKPOINT, d)
+    train, held = split_pairs(spec, tokenizer)
+    path = ctx.scratch / "data" / f"dpo-{spec.section_hash('dpo')}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, train)
+    kd_dir = ctx.model_dir("kd/model")
+    factory = functools.partial(load_student, kd_dir)  # the policy, and as teacher_factory the reference
+    reference = pair_logps(factory(), held)
+    cfg = train_config(spec, d, micro_batch=2 * d.micro_batch)  # a micro-batch of m pairs is 2m rows
+    result = distill(cfg, factory, factory, dpo_objective(d.beta),
+                     functools.partial(pair_batches, str(path), spec.seed, d.micro_batch), ctx.ray_storage(),
+                     f"dpo-{spec.section_hash('dpo')}")
+    policy = factory()
+    policy.load_state_dict(result.student_state_dict())
     before = preference_metrics(reference, reference, d.beta)
-    after = preference_metrics(pair_logps(policy, tokenizer, held, d.seq_len), reference, d.beta)
+    after = preference_metrics(pair_logps(policy, held), reference, d.beta)
     ctx.save_model(policy, "dpo/model")
     log.info("dpo: held-out preference accuracy %.3f -> %.3f, reward margin %.4f -> %.4f", before["pref_accuracy"],
              after["pref_accuracy"], before["reward_margin"], after["reward_margin"])
-    return {"tokens": d.total_steps * d.tokens_per_step, "pairs": n_train, "held_out_pairs": len(held),
-            **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
-            "history": history}
+    return DpoOutput(tokens=d.total_steps * d.tokens_per_step, pairs=len(train), held_out_pairs=len(held),
+                     before=before, after=after, history=curve(result.history))
+
+
+def dpo_objective(beta: float) -> Objective:
+    """DPO as the recipe's objective: the reference (in the teacher's place) scores each batch, the
+    policy (the student) is trained on zebra.dpo.dpo_loss against it."""
+    return Objective(_reference_logps, functools.partial(_dpo_loss, beta=beta))
+
+
+def _reference_logps(reference, batch: dict[str, Tensor]) -> Tensor:
+    return completion_logps(reference.logits(batch["input_ids"]), batch["input_ids"], batch["completion_mask"])
+
+
+def _dpo_loss(policy: nn.Module, reference_logps: Tensor, batch: dict[str, Tensor], beta: float) -> Tensor:
+    logps = completion_logps(policy(batch["input_ids"]).logits, batch["input_ids"], batch["completion_mask"])
+    return dpo_loss(logps, reference_logps.to(logps.dtype), beta)
 
 
 # -- preference pairs ----------------------------------------------------------------------------
 
 
-def _split_pairs(spec: JobSpec, ctx: Context) -> tuple[str, datasets.Dataset, int]:
-    """(parquet file in scratch of the training pairs, the held-out pairs, how many train): the last
-    dpo.held_out_pairs of the dataset are held out."""
+def split_pairs(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) pair_rows of dpo.dataset at dpo.seq_len: the last dpo.held_out_pairs are held out."""
     d = spec.dpo
     pairs = load_pairs(d.dataset, d.dataset_split)
     n_train = len(pairs) - d.held_out_pairs
     if n_train < 1:
         raise ValueError(f"dpo.dataset {d.dataset!r} has {len(pairs)} pairs; dpo.held_out_pairs={d.held_out_pairs} "
                          "leaves none to train on")
-    path = ctx.scratch / "data" / f"dpo-{spec.section_hash('dpo')}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pairs.select(range(n_train)).to_parquet(str(path))
-    return str(path), pairs.select(range(n_train, len(pairs))), n_train
+    rows = pair_rows(tokenizer, pairs, d.seq_len)
+    return rows[:n_train], rows[n_train:]
 
 
 def load_pairs(source: str, split: str) -> datasets.Dataset:
@@ -173,124 +183,48 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, pair: dict) -> dict[str, l
     return {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
 
 
-@torch.no_grad()
-def pair_logps(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: datasets.Dataset, max_length: int,
-               batch: int = 2) -> Tensor:
-    """[n, 2] float64: per pair, the summed log-probs of the chosen and of the rejected completion tokens
-    (prompt + completion truncated to max_length tokens, as in training). Logits in float32 or wider."""
+def pair_rows(tokenizer: PreTrainedTokenizerBase, pairs: datasets.Dataset, seq_len: int) -> np.ndarray:
+    """[n, 2, 2, seq_len] int64: per pair, (token ids, completion mask) x (chosen, rejected) of prompt +
+    completion (tokenize_pair), cut to seq_len tokens as TRL's max_length cuts, right-padded (a causal
+    model's logits at the real tokens do not see the padding)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = DataCollatorForPreference(pad_token_id=pad, max_length=max_length)
+    out = np.full((len(pairs), 2, 2, seq_len), 0, dtype=np.int64)
+    out[:, 0] = pad
+    for i, pair in enumerate(pairs):
+        ids = tokenize_pair(tokenizer, pair)
+        for j, key in enumerate(("chosen_ids", "rejected_ids")):
+            seq = (ids["prompt_ids"] + ids[key])[:seq_len]
+            mask = ([0] * len(ids["prompt_ids"]) + [1] * len(ids[key]))[:seq_len]
+            out[i, 0, j, :len(seq)], out[i, 1, j, :len(seq)] = seq, mask
+    return out
+
+
+def batch_of(rows: np.ndarray) -> dict[str, Tensor]:
+    """The batch of pair_rows [m, 2, 2, seq]: input_ids and completion_mask [2m, seq], the m chosen
+    rows then the m rejected ones."""
+    rows = torch.from_numpy(np.ascontiguousarray(rows))
+    return {"input_ids": torch.cat([rows[:, 0, 0], rows[:, 0, 1]]),
+            "completion_mask": torch.cat([rows[:, 1, 0], rows[:, 1, 1]])}
+
+
+def pair_batches(path: str, seed: int, micro_pairs: int, rank: int, world: int, start: int):
+    """The distill data_factory of DPO: this rank's batches of micro_pairs pairs (batch_of) from the
+    pair_rows in the .npy file at path, in a seeded order, from its `start`-th micro-batch on."""
+    rows = np.load(path, mmap_mode="r")
+    data = PackedDataset(rows.reshape(len(rows), -1), seed=seed, rank=rank, world_size=world)
+    data.position = start * micro_pairs
+    while True:
+        yield batch_of(data.next_batch(micro_pairs).reshape(-1, *rows.shape[1:]))
+
+
+@torch.no_grad()
+def pair_logps(model: nn.Module, rows: np.ndarray, batch: int = 2) -> Tensor:
+    """[n, 2] float64: per pair of pair_rows [n, 2, 2, seq], the summed log-probs of the chosen and of
+    the rejected completion tokens under model (on its device)."""
+    device = next(model.parameters()).device
     out = []
-    for start in range(0, len(pairs), batch):
-        rows = pairs.select(range(start, min(start + batch, len(pairs))))
-        b = collate([tokenize_pair(tokenizer, row) for row in rows])
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        token_logps = logits.gather(-1, b["input_ids"][:, 1:, None])[..., 0] - logits.logsumexp(-1)
-        summed = (token_logps.double() * b["completion_mask"][:, 1:]).sum(-1)
-        out.append(torch.stack(summed.chunk(2), dim=1))  # the collator stacks [chosen..., rejected...]
+    for start in range(0, len(rows), batch):
+        b = {k: v.to(device) for k, v in batch_of(rows[start:start + batch]).items()}
+        logps = completion_logps(model(b["input_ids"]).logits, b["input_ids"], b["completion_mask"]).double()
+        out.append(torch.stack(logps.chunk(2), dim=1).cpu())
     return torch.cat(out)
-
-
-def preference_metrics(policy: Tensor, reference: Tensor, beta: float) -> dict[str, float]:
-    """From [n, 2] summed log-probs (chosen, rejected) of the policy and the reference:
-    pref_accuracy   fraction of pairs where the policy gives the chosen completion the higher log-prob
-    logp_margin     mean log pi(chosen) - log pi(rejected)
-    reward_margin   mean DPO implicit reward margin beta * [(pi - ref)(chosen) - (pi - ref)(rejected)]
-    reward_accuracy fraction of pairs with a positive reward margin (0 when the policy is the reference)"""
-    margin = policy[:, 0] - policy[:, 1]
-    reward = beta * ((policy - reference)[:, 0] - (policy - reference)[:, 1])
-    return {"pref_accuracy": (margin > 0).double().mean().item(), "logp_margin": margin.mean().item(),
-            "reward_margin": reward.mean().item(), "reward_accuracy": (reward > 0).double().mean().item()}
-
-
-# -- training on Ray Train -----------------------------------------------------------------------
-
-
-def dpo_arguments(spec: JobSpec) -> dict:
-    """DPOConfig's arguments (but output_dir, and bf16: jobs.train.resolve_bf16 in the worker) for dpo's section."""
-    d = spec.dpo
-    use_gpu = d.gpus_per_worker > 0
-    return dict(
-        max_steps=d.total_steps, per_device_train_batch_size=d.micro_batch, gradient_accumulation_steps=d.grad_accum,
-        learning_rate=d.lr, lr_scheduler_type="cosine", warmup_steps=round(d.warmup_frac * d.total_steps),
-        beta=d.beta, max_length=d.seq_len, use_cpu=not use_gpu, seed=spec.seed, data_seed=spec.seed,
-        gradient_checkpointing=False,  # ZebraForCausalLM does not support it
-        deepspeed=deepspeed_config(d.zero_stage),
-        save_strategy="steps", save_steps=d.checkpoint_every, save_total_limit=1,  # Ray Train keeps the copies
-        logging_steps=d.log_every, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-    )
-
-
-def deepspeed_config(zero_stage: int) -> dict:
-    """The Trainer's DeepSpeed config: ZeRO stage; batch sizes, clipping and bf16 from its arguments ("auto")."""
-    return {
-        "zero_optimization": {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "steps_per_print": 10**9,
-    }
-
-
-def _fit(spec: JobSpec, ctx: Context, model_dir: str, pairs_path: str) -> ray.train.Result:
-    d = spec.dpo
-    use_gpu = d.gpus_per_worker > 0
-    loop_config = {"model_dir": model_dir, "tokenizer_dir": ctx.teacher_dir, "pairs": pairs_path,
-                   "arguments": dpo_arguments(spec), "bf16": d.bf16}
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
-                                     resources_per_worker=worker_resources(use_gpu)),
-        run_config=RunConfig(
-            name=f"dpo-{spec.section_hash('dpo')}",
-            storage_path=ctx.ray_storage(),
-            failure_config=FailureConfig(max_failures=MAX_FAILURES),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.storage.keep_checkpoints),
-            # DeepSpeed picks its accelerator when imported: tell CPU workers before they import it
-            worker_runtime_env={"env_vars": {} if use_gpu else {"DS_ACCELERATOR": "cpu"}},
-        ),
-    )
-    return trainer.fit()
-
-
-def _train_loop(config: dict) -> None:
-    """In each Ray Train worker: DPOTrainer on this rank's share of the pairs, resumed from Ray Train's
-    latest checkpoint if there is one. Each rank saves into its own folder, so that the union of the
-    ranks' folders (Ray Train's checkpoint) holds every rank's DeepSpeed shards once."""
-    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
-    pairs = datasets.Dataset.from_parquet(config["pairs"])
-    with tempfile.TemporaryDirectory() as out:
-        trainer = DPOTrainer(
-            model=load_student(config["model_dir"]), ref_model=load_student(config["model_dir"]),
-            args=DPOConfig(output_dir=out, bf16=resolve_bf16(config["bf16"], not config["arguments"]["use_cpu"]),
-                           **config["arguments"]),
-            train_dataset=pairs, processing_class=tokenizer,
-            callbacks=[RayTrainReportCallback(), _TagResumes()],
-        )
-        trainer = prepare_trainer(trainer)
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            trainer.train()
-            return
-        with checkpoint.as_directory() as d:
-            trainer.train(resume_from_checkpoint=str(Path(d) / HF_CHECKPOINT))
-
-
-class _TagResumes(TrainerCallback):
-    """Marks each logged step with the step its worker group started from (0: not resumed)."""
-
-    start = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = state.global_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        state.log_history[-1]["resumed_from"] = self.start
-
-
-def _history(checkpoint: Path, d: DpoSpec) -> list[dict]:
-    """The loss curve [{"step", "loss", "tokens", "resumed_from"}] from an HF checkpoint's trainer state."""
-    logged = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-    return [{"step": h["step"], "loss": h["loss"], "tokens": h["step"] * d.tokens_per_step,
-             "resumed_from": h.get("resumed_from", 0)} for h in logged if "loss" in h]

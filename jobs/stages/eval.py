@@ -1,11 +1,12 @@
 """Stage eval: lm-eval through the Serve endpoint (serve.eval.run_eval) on the exported hybrid, and on
-the teacher with eval.compare_teacher. Output: eval/eval.json and eval/eval.md; info: the table rows."""
+the teacher with eval.compare_teacher. Output: eval/eval.json and eval/eval.md; EvalOutput: the table rows."""
 from __future__ import annotations
 
 import socket
 
+from jobs.context import Context
+from jobs.outputs import EvalOutput
 from jobs.spec import JobSpec
-from jobs.stages.common import Context
 
 
 def _free_port() -> int:
@@ -14,7 +15,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(spec: JobSpec, ctx: Context) -> dict:
+def run(spec: JobSpec, ctx: Context) -> EvalOutput:
     from serve.eval import run_eval  # here: lm-eval and Serve are heavy imports the other stages do not need
 
     ev = spec.eval
@@ -23,4 +24,4 @@ def run(spec: JobSpec, ctx: Context) -> dict:
                       limit=ev.limit, port=_free_port())
     if not ctx.local_storage:
         ctx.storage.upload_dir(out, "eval")
-    return {"tokens": 0, "rows": report["rows"]}
+    return EvalOutput(tokens=0, rows=report["rows"])

@@ -1,9 +1,9 @@
-"""Stage ild: intermediate-layer distillation of both pure students in one distill() run.
+"""Stage ild: intermediate-layer distillation of both pure students in one run of the recipe (jobs.train).
 
 Each student layer i gets the teacher's input to layer i and must reproduce the teacher's output
 of layer i (cluster.teacher's hidden_states: entry i+1, the last one taken before the final norm),
 MSE summed over layers and over the two students. Only the mixers train; norms and MLPs are the
-teacher's. Outputs: ild/mla, ild/mamba. Info: held-out MSE per student before and after, loss curve.
+teacher's. Outputs: ild/mla, ild/mamba; IldOutput: held-out MSE per student before and after, loss curve.
 """
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from cluster.teacher import LocalTeacher
+from jobs.context import Context, curve, data_factory, sequences, train_config
+from jobs.outputs import IldOutput
 from jobs.spec import JobSpec
-from jobs.stages.common import (Context, curve, data_factory, load_student, load_teacher_model, sequences,
-                                train_config)
 from jobs.train import Objective, distill
+from zebra.hybrid import load_student
 from zebra.losses import ild_loss
+from zebra.teacher import load_teacher_model
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def held_out_mse(pair: StudentPair, teacher: LocalTeacher, ids: Tensor) -> dict[
     return {kind: float(v) for kind, v in losses.items()}
 
 
-def run(spec: JobSpec, ctx: Context) -> dict:
+def run(spec: JobSpec, ctx: Context) -> IldOutput:
     init_dirs = [ctx.model_dir(f"init/{kind}") for kind in ("mla", "mamba")]
     factory = functools.partial(StudentPair, *init_dirs)
     teacher_factory = functools.partial(load_teacher_model, ctx.teacher_dir, spec.teacher.dtype)
@@ -81,5 +83,5 @@ def run(spec: JobSpec, ctx: Context) -> dict:
     for kind in ("mla", "mamba"):
         ctx.save_model(getattr(pair, kind), f"ild/{kind}")
         log.info("ild: %s student held-out MSE %.5f -> %.5f", kind, before[kind], after[kind])
-    return {"tokens": spec.ild.total_steps * spec.ild.tokens_per_step, "mse_before": before, "mse_after": after,
-            "history": curve(result.history)}
+    return IldOutput(tokens=spec.ild.total_steps * spec.ild.tokens_per_step, mse_before=before, mse_after=after,
+                     history=curve(result.history))

@@ -1,6 +1,6 @@
 """Stage init: the teacher -> a pure-MLA and a pure-Mamba2 student (no training), stored as HF folders.
 
-Outputs: init/mla, init/mamba. Info: per-layer relative init error of each student on the
+Outputs: init/mla, init/mamba; InitOutput: per-layer relative init error of each student on the
 calibration sequences (zebra.convert.layer_init_errors) and the students' KV bytes per token.
 """
 from __future__ import annotations
@@ -9,10 +9,12 @@ import logging
 
 import torch
 
+from jobs.context import Context, sequences
+from jobs.outputs import InitOutput
 from jobs.spec import JobSpec
-from jobs.stages.common import Context, load_teacher_model, sequences
 from zebra.convert import convert, hybrid_config, layer_init_errors
 from zebra.kv import kv_bytes_per_token
+from zebra.teacher import load_teacher_model
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +29,17 @@ def student_config(spec: JobSpec, teacher_config, kind: str):
                          st.q_rank)
 
 
-def run(spec: JobSpec, ctx: Context) -> dict:
+def run(spec: JobSpec, ctx: Context) -> InitOutput:
     teacher = load_teacher_model(ctx.teacher_dir, spec.teacher.dtype)
     train, _ = sequences(spec, ctx, spec.init.seq_len)
     calib = torch.from_numpy(train[: spec.init.calibration_sequences])
-    info = {"tokens": int(calib.numel()), "init_errors": {}, "kv_bytes_per_token": {}}
+    out = InitOutput(tokens=int(calib.numel()), init_errors={}, kv_bytes_per_token={})
     for kind in KINDS:
         student = convert(teacher, student_config(spec, teacher.config, kind), calib)
-        info["init_errors"][kind] = layer_init_errors(teacher, student, calib)
-        info["kv_bytes_per_token"][kind] = kv_bytes_per_token(student.config)
+        out.init_errors[kind] = layer_init_errors(teacher, student, calib)
+        out.kv_bytes_per_token[kind] = kv_bytes_per_token(student.config)
         ctx.save_model(student, f"init/{kind}")
         log.info("init: %s student, mean layer init error %.4f", kind,
-                 sum(info["init_errors"][kind]) / len(info["init_errors"][kind]))
-    info["kv_bytes_per_token"]["teacher"] = kv_bytes_per_token(teacher.config)
-    return info
+                 sum(out.init_errors[kind]) / len(out.init_errors[kind]))
+    out.kv_bytes_per_token["teacher"] = kv_bytes_per_token(teacher.config)
+    return out

@@ -1,6 +1,7 @@
-"""The dpo stage alone on one GPU; the preflight's refusals; and the pieces the held-out metrics rest
-on (pair loading, TRL's tokenization, summed completion log-probs). On CPU the stage runs in the
-pipeline: tests/jobs/test_pipeline.py's ZeRO-3 case runs DPO after KD (chat pairs, two workers, ZeRO-3)."""
+"""The dpo stage alone on one GPU; the preflight's refusals; the pieces the training and the held-out
+metrics rest on (pair loading, TRL's tokenization, summed completion log-probs), and the DPO
+objective of the recipe against TRL's DPOTrainer loss on the same pairs. On CPU the stage runs in
+the pipeline: tests/jobs/test_pipeline.py's ZeRO-3 case runs DPO after KD (chat pairs, two workers, ZeRO-3)."""
 from pathlib import Path
 
 import datasets
@@ -11,11 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from cluster.storage import LocalStorage
+from cluster.teacher import LocalTeacher
+from jobs.context import Context
 from jobs.run import main
 from jobs.spec import STAGES, load_spec
 from jobs.stages import dpo as dpo_stage
-from jobs.stages.common import Context
-from jobs.stages.dpo import load_pairs, pair_logps, tokenize_pair
+from jobs.stages.dpo import batch_of, dpo_objective, load_pairs, pair_logps, pair_rows, tokenize_pair
 from tests.jobs.conftest import chat_pairs, dpo_section, spec_dict, text_pairs, write_jsonl
 from zebra import ZebraConfig, ZebraForCausalLM
 from zebra.teacher import default_teacher_gguf
@@ -61,10 +63,10 @@ def stage_alone(tokenizer_dir: Path, root: Path, rows: list[dict], **dpo) -> dic
     ctx = Context(storage=LocalStorage(root), scratch=root, teacher_dir=str(tokenizer_dir), local_storage=True,
                   num_mla=2)
     info = dpo_stage.run(spec, ctx)
-    print({k: v for k, v in info.items() if k != "history"})
-    assert info["reward_margin_after"] > 0.0 and info["reward_accuracy_after"] >= 0.75
-    assert info["logp_margin_after"] > info["logp_margin_before"]
-    assert [h["step"] for h in info["history"]] == [2, 4, 6, 8]
+    print(info.before, info.after)
+    assert info.after["reward_margin"] > 0.0 and info.after["reward_accuracy"] >= 0.75
+    assert info.after["logp_margin"] > info.before["logp_margin"]
+    assert [h["step"] for h in info.history] == [2, 4, 6, 8]
     tuned = weights(root / "dpo/model")
     assert any(not torch.equal(tuned[k], v) for k, v in weights(root / "kd/model").items())
     return info
@@ -75,7 +77,7 @@ def stage_alone(tokenizer_dir: Path, root: Path, rows: list[dict], **dpo) -> dic
 def test_stage_alone_on_one_gpu(ray_session, tokenizer_dir, tmp_path, zero_stage):
     """The GPU path: NCCL, bf16 where the GPU has it, one worker on one GPU."""
     info = stage_alone(tokenizer_dir, tmp_path, text_pairs(48), workers=1, gpus_per_worker=1, zero_stage=zero_stage)
-    assert info["pref_accuracy_after"] >= info["pref_accuracy_before"]
+    assert info.after["pref_accuracy"] >= info.before["pref_accuracy"]
 
 
 @pytest.mark.parametrize("change, messages", [
@@ -133,7 +135,7 @@ def test_pair_logps_matches_one_sequence_at_a_time(teacher_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64).eval()
     pairs = datasets.Dataset.from_list(text_pairs(5, seed=2))
     max_length = 14  # cuts some completions short
-    got = pair_logps(model, tokenizer, pairs, max_length, batch=2)
+    got = pair_logps(model, pair_rows(tokenizer, pairs, max_length), batch=2)
     want = torch.zeros(len(pairs), 2, dtype=torch.float64)
     for i, row in enumerate(pairs):
         ids = tokenize_pair(tokenizer, row)
@@ -146,3 +148,30 @@ def test_pair_logps_matches_one_sequence_at_a_time(teacher_dir, tmp_path):
     lengths = [len(t["prompt_ids"]) + len(t[k]) for t in tokenized for k in ("chosen_ids", "rejected_ids")]
     assert min(lengths) <= max_length < max(lengths)  # some are cut, some padded
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["text", "chat"])
+def test_dpo_objective_matches_trl_loss(teacher_dir, tmp_path, layout):
+    """The recipe's DPO step (the reference in the teacher's place, zebra.dpo's loss) on the same pairs
+    gives TRL's DPOTrainer loss (sigmoid, reverse KL), for a policy that differs from the reference."""
+    raw = text_pairs(4, seed=3) if layout == "text" else chat_pairs(4, seed=3)
+    pairs = load_pairs(str(write_jsonl(tmp_path / "p.jsonl", raw)), "train")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    policy = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64)
+    with torch.no_grad():  # a policy away from the reference: the loss is not log 2
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    reference = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                     report_to=[], max_length=None, beta=0.3)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs, processing_class=tokenizer)
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+    want = trainer.compute_loss(policy, inputs).item()
+
+    objective = dpo_objective(beta=0.3)
+    batch = batch_of(pair_rows(tokenizer, pairs, 256))
+    targets = objective.teacher_targets(LocalTeacher(lambda: reference), batch)
+    got = objective.loss(policy, targets, batch).item()
+    print(layout, got, want)
+    assert abs(want - 0.6931) > 1e-3
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9)

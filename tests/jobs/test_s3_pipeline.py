@@ -11,7 +11,6 @@ import pytest
 from moto.server import ThreadedMotoServer
 from transformers import AutoModelForCausalLM
 
-import jobs.run
 import zebra  # noqa: F401  (registers the zebra model type with AutoModelForCausalLM)
 from cluster.storage import S3Storage
 from jobs.run import run
@@ -75,8 +74,8 @@ def download(client, key_prefix: str, dest):
 @pytest.mark.slow
 def test_s3_run_writes_the_bucket_and_resumes_from_it(teacher_dir, data_file, tmp_path, monkeypatch, s3):
     endpoint, client = s3
-    monkeypatch.setattr(jobs.run, "SCRATCH_ROOT", tmp_path / "scratch")  # never the real ~/.cache
-    monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path / "cache"))  # where S3Storage downloads land
+    monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path / "cache"))  # S3 downloads and the run's scratch, never ~/.cache
+    scratch = tmp_path / "cache" / "runs"
     data = spec_dict(teacher_dir, data_file, f"s3://{BUCKET}/{PREFIX}")
     data["storage"]["s3_endpoint_url"] = endpoint
     for stage in ("ild", "kd"):  # the test is the storage, not the training: 4 steps of one worker
@@ -97,8 +96,8 @@ def test_s3_run_writes_the_bucket_and_resumes_from_it(teacher_dir, data_file, tm
     assert len(infos["smart"]["mla_layers"]) == 2
 
     # run 2, as on another machine: no scratch, no download cache; kd and export on
-    shutil.rmtree(tmp_path / "scratch" / data["name"])
-    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+    assert (scratch / data["name"]).is_dir()
+    shutil.rmtree(tmp_path / "cache")
     fetched = []
     fetch_dir = S3Storage.fetch_dir
     monkeypatch.setattr(S3Storage, "fetch_dir", lambda self, key: fetched.append(key) or fetch_dir(self, key))
@@ -107,7 +106,7 @@ def test_s3_run_writes_the_bucket_and_resumes_from_it(teacher_dir, data_file, tm
     second = bucket_objects(client)
     assert under(second, FIRST) == under(first, FIRST)  # init, ild, smart skipped: not one object rewritten
     assert {stage: marker(client, stage) for stage in FIRST} == infos
-    assert not list((tmp_path / "scratch" / data["name"]).glob("_ray/ild-*"))  # no ILD training started
+    assert not list((scratch / data["name"]).glob("_ray/ild-*"))  # no ILD training started
     assert sorted(fetched) == ["ild/mamba", "ild/mla"]  # KD's students came from the bucket
     for stage in ("kd", "export"):
         assert f"{stage}/COMPLETE.json" in second

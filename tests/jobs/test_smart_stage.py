@@ -1,11 +1,10 @@
-"""SMART's per-choice hybrids: swapping MLA layers into the loaded Mamba2 student in place must give
-what composing each hybrid from the saved students (compose_hybrid) gives, and must leave the
-Mamba2 student as it was."""
+"""SMART's per-choice hybrids (zebra.hybrid): swapping MLA layers into the loaded Mamba2 student in
+place must give what composing each hybrid from the saved students (compose_hybrid) gives, and must
+leave the Mamba2 student as it was."""
 import torch
 
-from jobs.stages.common import compose_hybrid, held_out_kl, load_student, teacher_logits
-from jobs.stages.smart import _kl_of_choices, mla_layers_swapped_in
 from tests.conftest import tiny_llama
+from zebra.hybrid import compose_hybrid, held_out_kl, kl_of_choices, load_student, mla_layers_swapped_in, teacher_logits
 from zebra.convert import convert, hybrid_config
 
 CHOICES = [[], [0], [2], [1, 3]]
@@ -28,7 +27,7 @@ def test_swapped_layers_score_like_composed_hybrids(tmp_path):
     mla_dir, mamba_dir = saved_students(tmp_path, teacher)
     ids = torch.randint(0, teacher.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
     logits = teacher_logits(teacher, ids)
-    got = _kl_of_choices(mla_dir, mamba_dir, CHOICES, logits, ids)
+    got = kl_of_choices(mla_dir, mamba_dir, CHOICES, logits, ids, torch.device("cpu"))
     want = [held_out_kl(compose_hybrid(mla_dir, mamba_dir, c), logits, ids) for c in CHOICES]
     assert len(set(round(k, 6) for k in want)) == len(want)  # the choices really differ
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=0)

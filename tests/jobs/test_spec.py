@@ -1,10 +1,13 @@
 """The job spec: shipped examples validate, errors name what is wrong, hashes track what matters."""
+import math
 from pathlib import Path
+from typing import Annotated, get_args, get_origin
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from jobs.spec import STAGES, JobSpec, SpecError, check_against_teacher, load_spec
+from jobs.spec import STAGES, JobSpec, SpecError, check_against_teacher, check_environment, load_spec
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "jobs" / "examples").glob("*.yaml"))
 SMOLLM2 = dict(num_layers=30, teacher_kv_bytes_per_token=23040, mla_kv_bytes_per_layer_per_token=320)
@@ -131,7 +134,100 @@ def test_uri_shapes():
 
 def test_budget_below_one_step_and_smart_off():
     assert "less than one optimizer step" in error_of({"kd": {"tokens": 100}})
-    assert "student.mla_layers" in error_of({"smart": {"enabled": False}})
+    msg = error_of({"smart": {"enabled": False}})
+    assert "smart.enabled" in msg and "student.mla_layers" in msg
+    assert load_spec({"smart": {"enabled": False}, "student": {"mla_layers": [0, 3]}}).student.mla_layers == [0, 3]
+
+
+def float_fields(model=JobSpec, prefix=()):
+    """Dotted paths of every float field in the schema (tune included), by walking its sections."""
+    for name, info in model.model_fields.items():
+        sub = _submodel_of(info.annotation)
+        if sub is not None:
+            yield from float_fields(sub, (*prefix, name))
+        elif float in (info.annotation, *(get_args(t)[0] if get_origin(t) is Annotated else t
+                                          for t in get_args(info.annotation))):
+            yield ".".join((*prefix, name))
+
+
+def _submodel_of(annotation):
+    return next((t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel)),
+                None)
+
+
+def nested(path: str, value) -> dict:
+    *parents, leaf = path.split(".")
+    data = {leaf: value}
+    for key in reversed(parents):
+        data = {key: data}
+    return data
+
+
+FLOAT_FIELDS = sorted(float_fields())
+
+
+def test_float_fields_found():
+    assert {"student.kv_budget", "kd.lr", "kd.temperature", "tune.kv_budget", "smart.gpus_per_task"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_every_float_field_refuses_non_finite(path, value):
+    assert f"{path}: Input should be a finite number" in error_of(nested(path, value))
+
+
+@pytest.mark.parametrize("text, field", [
+    ("student:\n  kv_budget: .inf\n", "student.kv_budget"),
+    ("kd:\n  lr: .inf\n", "kd.lr"),
+    ("kd:\n  temperature: .inf\n", "kd.temperature"),
+    ("kd:\n  temperature: .nan\n", "kd.temperature"),
+    ("kd:\n  temperature: 0\n", "kd.temperature"),
+    ("kd:\n  ce_weight: 1.5\n", "kd.ce_weight"),
+])
+def test_non_finite_or_senseless_floats_in_a_file(tmp_path, text, field):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    msg = error_of(path)
+    assert str(path) in msg and field in msg
+
+
+def test_kl_weight_is_no_knob():
+    """kd_loss mixes (1 - ce_weight) KL + ce_weight CE: there is no separate KL weight to set."""
+    assert "kd.kl_weight: unknown key 'kl_weight'" in error_of({"kd": {"kl_weight": 0.5}})
+
+
+def test_non_utf8_file_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    msg = error_of(path)
+    assert str(path) in msg and "not UTF-8" in msg and "0xe9 at offset 9" in msg
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_empty_file_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    msg = error_of(path)
+    assert str(path) in msg and "the spec is empty" in msg
+    path.write_text("{}\n")  # every default, said explicitly
+    assert load_spec(path).student.kv_budget == 0.05
+
+
+SMOLLM2_WIDTH = 2 * 3 * 64  # K+V values per layer: 2 x 3 kv heads x head_dim 64
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"student": {"qk_rope_dim": 512}}, "student.qk_rope_dim: 512 exceeds the teacher's per-layer key width 192"),
+    ({"student": {"kv_rank": 5000}}, "student.kv_rank: 5000 exceeds the teacher's per-layer K+V width 384"),
+    ({"tune": {"kv_rank": [128, 400, 512]}}, "tune.kv_rank: [400, 512] exceeds the teacher's per-layer K+V width 384"),
+    ({"tune": {"qk_rope_dim": [32, 194]}}, "tune.qk_rope_dim: [194] exceeds the teacher's per-layer key width 192"),
+])
+def test_widths_checked_against_teacher(data, message):
+    with pytest.raises(SpecError) as info:
+        check_against_teacher(load_spec(data), **SMOLLM2, teacher_kv_width=SMOLLM2_WIDTH)
+    assert message in str(info.value) and "the maximum" in str(info.value)
+    wide = load_spec({"student": {"kv_rank": 384, "qk_rope_dim": 192}})  # the largest allowed
+    assert check_against_teacher(wide, **SMOLLM2, teacher_kv_width=SMOLLM2_WIDTH) >= 2
 
 
 def test_yaml_file_round_trip(tmp_path):
@@ -208,7 +304,7 @@ def test_bf16_auto_reaches_the_worker_undecided(monkeypatch):
     turns it off on CPU; TrainConfig refuses bf16 True without a GPU."""
     import torch
 
-    from jobs.stages.common import train_config
+    from jobs.context import train_config
     from jobs.train import TrainConfig, deepspeed_config, resolve_bf16
 
     spec = load_spec({"kd": {"gpus_per_worker": 1, "bf16": "auto"}})
@@ -223,3 +319,106 @@ def test_bf16_auto_reaches_the_worker_undecided(monkeypatch):
         assert resolve_bf16("auto", use_gpu=False) is False
         assert deepspeed_config(TrainConfig(use_gpu=True, bf16="auto"), 1)["bf16"]["enabled"] is supported
     assert resolve_bf16(True, use_gpu=True) is True and resolve_bf16(False, use_gpu=True) is False
+
+
+# ---- check_environment: what this machine must offer, checked at preflight before Ray starts ----------
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, online mode, and a hub endpoint nothing listens on (tests set another)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:1")
+    return constants
+
+
+def environment_error(data) -> str:
+    with pytest.raises(SpecError) as info:
+        check_environment(load_spec(data))
+    print(info.value)
+    return str(info.value)
+
+
+def test_storage_must_be_writable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for uri in (str(blocker / "run"), f"file://{blocker}/run"):
+        msg = environment_error({"storage": {"uri": uri}})
+        assert "storage.uri" in msg and "not writable" in msg and "Not a directory" in msg
+    good = tmp_path / "runs" / "ok"
+    check_environment(load_spec({"storage": {"uri": str(good)}}))
+    assert good.is_dir() and not list(good.iterdir())  # the probe is gone
+
+
+MODEL, DATASET = "zebra-test/no-such-model", "zebra-test/no-such-data"
+
+
+@pytest.mark.parametrize("section, field, repo_type, repo", [
+    ({"teacher": {"source": MODEL}}, "teacher.source", "model", MODEL),
+    ({"kd": {"teacher": MODEL}}, "kd.teacher", "model", MODEL),
+    ({"data": {"source": DATASET}}, "data.source", "dataset", DATASET),
+    ({"dpo": {"enabled": True, "dataset": DATASET}}, "dpo.dataset", "dataset", DATASET),
+])
+def test_hub_ids_need_a_cache_or_a_hub(hub, tmp_path, section, field, repo_type, repo):
+    data = {**section, "storage": {"uri": str(tmp_path / "run")}}
+    msg = environment_error(data)
+    assert f"{field}: {repo_type} {repo!r} is not in the local Hugging Face cache" in msg
+    assert "hub at http://127.0.0.1:1 is unreachable" in msg
+    hub.HF_HUB_OFFLINE = True
+    assert "HF_HUB_OFFLINE is set" in environment_error(data)
+    (tmp_path / "hf-cache" / f"{repo_type}s--{repo.replace('/', '--')}" / "snapshots").mkdir(parents=True)
+    check_environment(load_spec(data))  # in the cache: fine offline
+
+
+def test_hub_says_no_such_repo(hub, tmp_path):
+    """A hub that answers 404 RepoNotFound (as huggingface.co does) gets 'no model ... on the hub'."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        hub.ENDPOINT = f"http://127.0.0.1:{server.server_port}"
+        msg = environment_error({"teacher": {"source": "zebra-test/no-such-model"},
+                                 "storage": {"uri": str(tmp_path / "run")}})
+    finally:
+        server.shutdown()
+    assert "teacher.source: no model 'zebra-test/no-such-model' on the Hugging Face hub" in msg
+
+
+def test_disabled_dpo_and_local_sources_are_not_looked_up(hub, tmp_path):
+    check_environment(load_spec({"dpo": {"enabled": False, "dataset": "zebra-test/no-such-data"},
+                                 "storage": {"uri": str(tmp_path / "run")}}))
+
+
+@pytest.mark.parametrize("data, message", [
+    (lambda tmp: {"storage": {"uri": str(tmp / "a-file" / "run")}}, "storage.uri"),
+    (lambda tmp: {"teacher": {"source": "zebra-test/no-such-model"}, "storage": {"uri": str(tmp / "run")}},
+     "teacher.source"),
+])
+def test_jobs_run_refuses_before_ray_starts(hub, tmp_path, capsys, data, message):
+    import ray
+
+    from jobs.run import main
+
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data(tmp_path)))
+    was_up = ray.is_initialized()
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err, err
+    assert ray.is_initialized() == was_up

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from jobs.convert_cmd import calibration_ids
+from zebra.cli import calibration_ids
 from zebra.convert import convert, full_rank_mla_config
 from zebra.teacher import load_teacher
 
@@ -20,7 +20,7 @@ def smollm2():
 
 def test_convert_cli_three_mla_layers_meets_kv_budget(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "convert", "--teacher", "default", "--mla-layers", "0,14,29",
+        [sys.executable, "-m", "zebra.cli", "convert", "--teacher", "default", "--mla-layers", "0,14,29",
          "--kv-rank", "128", "--qk-rope-dim", "32", "--calib-tokens", "512", "--out", str(tmp_path), "--json"],
         capture_output=True, text=True, check=True,
     ).stdout

@@ -1,46 +1,55 @@
-"""What the stages share: the run context, models in storage, the run's token data, and KL on held-out data.
+"""What the stages (and Tune) share: the run context, the run's token data, and the spec -> recipe mapping.
 
-Model loaders here are module-level functions so that `functools.partial`s of them pickle into
-Ray Train workers and Ray tasks (the factories of jobs.train.distill).
+    ctx.output(SmartOutput)           a typed output of an earlier stage (jobs.outputs)
+    ctx.model_dir("ild/mla")          a local folder holding a model the run stored
+    train, held = sequences(spec, ctx, seq_len)
+    train_config(spec, spec.kd)       the recipe's TrainConfig (jobs.train) for a stage's section
+    kd_recipe(spec, teacher_dir)      KD's TrainConfig, teacher and objective (the kd stage's and Tune's)
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch import nn
+from transformers import AutoTokenizer
 
-from cluster.storage import Storage
+from cluster.storage import Storage, fetch_uri
+from jobs.outputs import StageOutput
 from jobs.spec import JobSpec, TrainSettings
-from jobs.train import TrainConfig
-from zebra import ZebraForCausalLM
+from jobs.train import Objective, TrainConfig, kd_objective
 from zebra.data import PackedDataset, load_texts, packed_sequences
-from zebra.losses import kd_loss
+from zebra.teacher import load_teacher_model, teacher_folder
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+T = TypeVar("T", bound=StageOutput)
 
 
 @dataclasses.dataclass
 class Context:
     """One run: its storage, a local scratch folder (the storage root itself for local storage),
     the teacher's local HF folder, how many MLA layers the student gets (jobs.run's preflight),
-    the info of every stage done so far (jobs.run fills it), and the models saved by this run."""
+    the outputs of the stages done so far (by type; jobs.run fills them), and the models saved by this run."""
 
     storage: Storage
     scratch: Path
     teacher_dir: str
     local_storage: bool
     num_mla: int
-    infos: dict = dataclasses.field(default_factory=dict)
+    outputs: dict[type, StageOutput] = dataclasses.field(default_factory=dict)
     saved: set[str] = dataclasses.field(default_factory=set)  # keys save_model wrote in this process
+
+    def output(self, kind: type[T]) -> T:
+        """The output of the stage that makes `kind`; jobs.run's preflight makes sure it is there."""
+        if kind not in self.outputs:
+            raise LookupError(f"no {kind.__name__} in this run: its stage neither ran nor was stored")
+        return self.outputs[kind]
 
     def save_model(self, model: nn.Module, key: str) -> Path:
         """save_pretrained (with the teacher's tokenizer) at scratch/key and store it under key."""
@@ -58,37 +67,15 @@ class Context:
         return str(self.scratch / key if key in self.saved else self.storage.fetch_dir(key))
 
     def ray_storage(self) -> str:
-        """Where Ray Train keeps the checkpoints of ild and kd (local: mid-stage resume needs this disk)."""
+        """Where Ray Train keeps the checkpoints of ild, kd and dpo (local: mid-stage resume needs this disk)."""
         return str((self.scratch / "_ray").resolve())
 
 
-def load_teacher_model(folder: str, dtype: str = "float32") -> nn.Module:
-    """The teacher as an HF causal LM in eval mode (a distill teacher_factory)."""
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
-
-
-def load_student(folder: str) -> ZebraForCausalLM:
-    return ZebraForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def compose_hybrid(mla_dir: str, mamba_dir: str, mla_layers: list[int]) -> ZebraForCausalLM:
-    """The hybrid whose layers in mla_layers come from the MLA student and the rest from the Mamba2
-    student (embeddings, norms and MLPs are the teacher's in both)."""
-    mla, mamba = load_student(mla_dir), load_student(mamba_dir)
-    config = copy.deepcopy(mamba.config)
-    config.mixer_types = ["mla" if i in mla_layers else "mamba" for i in range(config.num_hidden_layers)]
-    state = mamba.state_dict()
-    for i in mla_layers:
-        prefix = f"model.layers.{i}."
-        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-        state.update({k: v for k, v in mla.state_dict().items() if k.startswith(prefix)})
-    hybrid = ZebraForCausalLM(config)
-    hybrid.load_state_dict(state)
-    return hybrid.eval()
-
-
 @functools.lru_cache(maxsize=4)
-def _texts(source: str, split: str, text_field: str, name: str | None) -> tuple[str, ...]:
+def _texts(source: str, split: str, text_field: str, name: str | None, endpoint: str | None) -> tuple[str, ...]:
+    """The corpus; an s3:// source is fetched through cluster.storage and read as the local copy."""
+    if source.startswith("s3://"):
+        source = str(fetch_uri(source, endpoint))
     return tuple(load_texts(source, split, text_field, name=name))
 
 
@@ -96,7 +83,7 @@ def sequences(spec: JobSpec, ctx: Context, seq_len: int) -> tuple[np.ndarray, np
     """(training, held-out) packed sequences [n, seq_len] int64; the last data.held_out_sequences
     rows are held out (at this seq_len: another seq_len packs the same text into other rows)."""
     d = spec.data
-    texts = _texts(d.source, d.split, d.text_field, d.hub_config)
+    texts = _texts(d.source, d.split, d.text_field, d.hub_config, spec.storage.s3_endpoint_url)
     tok = AutoTokenizer.from_pretrained(ctx.teacher_dir)
     seqs = packed_sequences(list(texts), tok, seq_len, cache_dir=ctx.scratch / "data").astype(np.int64)
     n_held = d.held_out_sequences
@@ -112,27 +99,42 @@ def data_factory(spec: JobSpec, ctx: Context, stage: str, section: TrainSettings
     path = ctx.scratch / "data" / f"{stage}-{section.seq_len}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, train)
-    return functools.partial(_batches, str(path), spec.seed, section.micro_batch)
+    return functools.partial(batches, str(path), spec.seed, section.micro_batch)
 
 
-def _batches(path: str, seed: int, micro_batch: int, rank: int, world: int, start: int):
-    data = PackedDataset(np.load(path, mmap_mode="r"), seed=seed, rank=rank, world_size=world)
-    data.position = start * micro_batch  # a resumed worker continues where its checkpoint left off
+def batches(rows: str | np.ndarray, seed: int, micro_batch: int, rank: int, world: int, start: int):
+    """The distill data_factory: this rank's micro-batches {"input_ids": [micro_batch, seq_len] int64}
+    of rows [n, seq_len] (an array, or a .npy file of one) in a seeded order, from its `start`-th
+    micro-batch on (a resumed worker continues where its checkpoint left off)."""
+    data = PackedDataset(np.load(rows, mmap_mode="r") if isinstance(rows, str) else rows, seed=seed, rank=rank,
+                         world_size=world)
+    data.position = start * micro_batch
     while True:
         yield {"input_ids": torch.from_numpy(data.next_batch(micro_batch))}
 
 
-def train_config(spec: JobSpec, section: TrainSettings) -> TrainConfig:
-    """jobs.train's TrainConfig from a stage's section of the spec."""
+def train_config(spec: JobSpec, section: TrainSettings, **changes) -> TrainConfig:
+    """jobs.train's TrainConfig from a stage's section of the spec (changes: fields to override)."""
     use_gpu = section.gpus_per_worker > 0
     bf16 = section.bf16 if use_gpu else False  # "auto" is decided in each worker (jobs.train.resolve_bf16)
-    return TrainConfig(
+    fields = dict(
         workers=section.workers, use_gpu=use_gpu, zero_stage=section.zero_stage, lr=section.lr,
         warmup_frac=section.warmup_frac, total_steps=section.total_steps, micro_batch=section.micro_batch,
         seq_len=section.seq_len, grad_accum=section.grad_accum, bf16=bf16, teacher_mode=section.teacher_mode,
         checkpoint_every=section.checkpoint_every, keep_checkpoints=spec.storage.keep_checkpoints,
         seed=spec.seed, log_every=section.log_every,
     )
+    return TrainConfig(**{**fields, **changes})
+
+
+def kd_recipe(spec: JobSpec, teacher_dir: str, **changes) -> tuple[TrainConfig, functools.partial, Objective]:
+    """(TrainConfig, teacher_factory, objective) of KD under this spec: what the kd stage and every
+    Tune trial train with. teacher_dir: the run's teacher folder (kd.teacher replaces it); changes
+    override TrainConfig fields (a Tune trial's steps, batch and learning rate)."""
+    kd = spec.kd
+    teacher = teacher_folder(kd.teacher) if kd.teacher else teacher_dir
+    teacher_factory = functools.partial(load_teacher_model, teacher, spec.teacher.dtype)
+    return train_config(spec, kd, **changes), teacher_factory, kd_objective(kd.temperature, kd.top_k, kd.ce_weight)
 
 
 def curve(history: list[dict]) -> list[dict]:
@@ -141,21 +143,3 @@ def curve(history: list[dict]) -> list[dict]:
     the checkpoint step the reporting worker group started from; it changes where a restart happened)."""
     keys = ("step", "loss", "tokens", "resumed_from", "tokens_per_s", "step_s", "peak_gpu_gib")
     return [{k: h[k] for k in keys if k in h} for h in history]
-
-
-@torch.no_grad()
-def held_out_kl(student: nn.Module, teacher_logits: Tensor, ids: Tensor, batch: int = 4) -> float:
-    """Mean KL(teacher || student) per token on ids [n, seq] (teacher_logits [n, seq, vocab], on any
-    device: a batch at a time moves to the student's, so the logits of many sequences may stay in host memory)."""
-    total = 0.0
-    for s in range(0, len(ids), batch):
-        logits = student(ids[s:s + batch]).logits
-        total += kd_loss(logits, teacher_logits[s:s + batch].to(logits.device)).item() * len(ids[s:s + batch])
-    return total / len(ids)
-
-
-@torch.no_grad()
-def teacher_logits(teacher: nn.Module, ids: Tensor, batch: int = 4) -> Tensor:
-    """[n, seq, vocab] float32 logits of the teacher, in host memory (n x seq x vocab x 4 bytes: 1.6 GB
-    for 16 x 512 tokens of a 49k vocabulary, which a GPU shared by several trials or tasks should not hold)."""
-    return torch.cat([teacher(ids[s:s + batch]).logits.float().cpu() for s in range(0, len(ids), batch)])

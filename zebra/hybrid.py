@@ -1,0 +1,104 @@
+"""Hybrids from the two pure students, and the held-out figures that judge them. No Ray.
+
+    student = load_student(folder)                           # a saved ZebraForCausalLM, float32, eval
+    hybrid = compose_hybrid(mla_dir, mamba_dir, [0, 3])      # layers 0 and 3 MLA, the rest Mamba2
+    with mla_layers_swapped_in(mamba, mla, [2]) as h: ...    # the same hybrid, in place, undone on exit
+    logits = teacher_logits(teacher, ids)                    # [n, seq, vocab] float32 in host memory
+    held_out_kl(hybrid, logits, ids), held_out_ce(hybrid, ids)
+
+These are module-level functions, so `functools.partial`s of them pickle into Ray Train workers and
+Ray tasks (the factories of jobs.train.distill, the tasks of the smart stage).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import kd_loss
+from .modeling import ZebraForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_student(folder: str) -> ZebraForCausalLM:
+    """A saved Zebra model (an HF folder), float32, in eval mode."""
+    return ZebraForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def compose_hybrid(mla_dir: str, mamba_dir: str, mla_layers: list[int]) -> ZebraForCausalLM:
+    """The hybrid whose layers in mla_layers come from the MLA student and the rest from the Mamba2
+    student (embeddings, norms and MLPs are the teacher's in both)."""
+    mla, mamba = load_student(mla_dir), load_student(mamba_dir)
+    config = copy.deepcopy(mamba.config)
+    config.mixer_types = ["mla" if i in mla_layers else "mamba" for i in range(config.num_hidden_layers)]
+    state = mamba.state_dict()
+    for i in mla_layers:
+        prefix = f"model.layers.{i}."
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        state.update({k: v for k, v in mla.state_dict().items() if k.startswith(prefix)})
+    hybrid = ZebraForCausalLM(config)
+    hybrid.load_state_dict(state)
+    return hybrid.eval()
+
+
+@contextlib.contextmanager
+def mla_layers_swapped_in(mamba: ZebraForCausalLM, mla: ZebraForCausalLM, layers: list[int]):
+    """The Mamba2 student with the MLA student's decoder layers at `layers`, in place and undone on
+    exit: the same hybrid as compose_hybrid, without loading or copying a model per choice."""
+    saved = {i: mamba.model.layers[i] for i in layers}
+    types = list(mamba.config.mixer_types)
+    try:
+        for i in layers:
+            mamba.model.layers[i] = mla.model.layers[i]
+            mamba.config.mixer_types[i] = "mla"
+        yield mamba
+    finally:
+        for i, layer in saved.items():
+            mamba.model.layers[i] = layer
+        mamba.config.mixer_types = types
+
+
+def kl_of_choices(mla_dir: str, mamba_dir: str, choices: list[list[int]], logits: Tensor, ids: Tensor,
+                  device: torch.device) -> list[float]:
+    """Held-out KL of the hybrid for each choice of MLA layers (each student is loaded once), on
+    `device`; logits [n, seq, vocab] may stay in host memory, ids [n, seq]."""
+    mla, mamba = load_student(mla_dir).to(device), load_student(mamba_dir).to(device)
+    ids = ids.to(device)
+    kls = []
+    for choice in choices:
+        with mla_layers_swapped_in(mamba, mla, choice) as hybrid:
+            kls.append(held_out_kl(hybrid, logits, ids))
+    return kls
+
+
+@torch.no_grad()
+def held_out_kl(student: nn.Module, teacher_logits: Tensor, ids: Tensor, batch: int = 4) -> float:
+    """Mean KL(teacher || student) per token on ids [n, seq] (teacher_logits [n, seq, vocab], on any
+    device: a batch at a time moves to the student's, so the logits of many sequences may stay in host memory)."""
+    total = 0.0
+    for s in range(0, len(ids), batch):
+        logits = student(ids[s:s + batch]).logits
+        total += kd_loss(logits, teacher_logits[s:s + batch].to(logits.device)).item() * len(ids[s:s + batch])
+    return total / len(ids)
+
+
+@torch.no_grad()
+def held_out_ce(model: nn.Module, ids: Tensor, batch: int = 4) -> float:
+    """Mean cross-entropy (nats) of the next token over ids [n, seq] (seq - 1 predictions per row)."""
+    total = 0.0
+    for s in range(0, len(ids), batch):
+        chunk = ids[s:s + batch]
+        logits = model(chunk).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+    return total / (len(ids) * (ids.shape[1] - 1))
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, ids: Tensor, batch: int = 4) -> Tensor:
+    """[n, seq, vocab] float32 logits of the teacher, in host memory (n x seq x vocab x 4 bytes: 1.6 GB
+    for 16 x 512 tokens of a 49k vocabulary, which a GPU shared by several trials or tasks should not hold)."""
+    return torch.cat([teacher(ids[s:s + batch]).logits.float().cpu() for s in range(0, len(ids), batch)])
