@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.dispatch import log_once
 from kernels.ssd import causal_conv1d_step, ssd_step
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,6 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 
-@functools.cache
-def _log_cached(message: str) -> None:
-    log.info(message)
-
-
-def _log_once(message: str) -> None:
-    """Log once per message; skipped under torch.compile, where a logging call breaks the graph."""
-    if not torch.compiler.is_compiling():
-        _log_cached(message)
 
 
 def _use_triton(op: str, backend: str, x: torch.Tensor) -> bool:
@@ -56,11 +48,11 @@ def _use_triton(op: str, backend: str, x: torch.Tensor) -> bool:
     elif x.dtype not in KERNEL_DTYPES:
         reason = f"dtype {x.dtype} has no kernel"
     else:
-        _log_once(f"{op}: Triton kernel")
+        log_once(log, f"{op}: Triton kernel")
         return True
     if backend == "triton":
         raise RuntimeError(f"{op}: backend='triton' but {reason}; use 'auto' or 'torch'")
-    _log_once(f"{op}: PyTorch reference ({reason})")
+    log_once(log, f"{op}: PyTorch reference ({reason})")
     return False
 
 

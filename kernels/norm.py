@@ -13,13 +13,14 @@ torch.compile keeps them whole, with no graph break) with their autograd formula
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.dispatch import log_once
 
 log = logging.getLogger(__name__)
 
@@ -180,15 +181,6 @@ def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor
 
 
 # -- dispatch -------------------------------------------------------------------------------------
-@functools.cache
-def _log_cached(message: str) -> None:
-    log.info(message)
-
-
-def _log_once(message: str) -> None:
-    """Log once per message; skipped under torch.compile, where a logging call breaks the graph."""
-    if not torch.compiler.is_compiling():
-        _log_cached(message)
 
 
 def _unsupported(y: torch.Tensor, backend: str) -> str | None:
@@ -213,9 +205,9 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
         raise ValueError(f"gated_rms_norm: backend must be one of {BACKENDS}, got {backend!r}")
     reason = "backend='torch'" if backend == "torch" else _unsupported(y, backend)
     if reason is None:
-        _log_once("gated_rms_norm: Triton kernel kernels.norm.gated_rms_norm_triton")
+        log_once(log, "gated_rms_norm: Triton kernel kernels.norm.gated_rms_norm_triton")
         return gated_rms_norm_triton(y, z, weight, group_size, eps)
     if backend == "triton":
         raise RuntimeError(f"gated_rms_norm: backend='triton' but {reason}; use 'auto' or 'torch'")
-    _log_once(f"gated_rms_norm: PyTorch reference ({reason})")
+    log_once(log, f"gated_rms_norm: PyTorch reference ({reason})")
     return gated_rms_norm_ref(y, z, weight, group_size, eps)

@@ -22,6 +22,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import log_once
+
 # Our Triton kernels, imported up front so that `_load` finds them in sys.modules: torch.compile traces that
 # lookup, where an import inside a compiled forward would break its graph. Without triton, `_load` says why.
 try:
@@ -174,12 +176,6 @@ def _import(module: str, attr: str):
         return None, f"{module} is not importable ({type(err).__name__}: {err})"
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-    """Log once per message; skipped under torch.compile (which traces through the cache), where a logging call
-    breaks the graph."""
-    if not torch.compiler.is_compiling():
-        log.info(message)
 
 
 def _choose(op: str, backend: str, x: torch.Tensor, module: str, attr: str, unsupported: str | None = None):
@@ -199,11 +195,11 @@ def _choose(op: str, backend: str, x: torch.Tensor, module: str, attr: str, unsu
             if fn is not None and unsupported:
                 fn, reason = None, unsupported
     if fn is not None:
-        _log_once(f"{op}: CUDA kernel {module}.{attr}")
+        log_once(log, f"{op}: CUDA kernel {module}.{attr}")
         return fn
     if backend == "cuda":
         raise RuntimeError(f"{op}: mamba_backend='cuda' but {reason}; use 'auto' or 'torch', or install the kernel")
-    _log_once(f"{op}: PyTorch reference ({reason})")
+    log_once(log, f"{op}: PyTorch reference ({reason})")
     return None
 
 
@@ -220,11 +216,11 @@ def _ssd_triton(x, chunk_size: int, backend: str):
     if fn is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         fn, reason = None, f"chunk_size {chunk_size} is not a power of two >= 16"
     if fn is not None:
-        _log_once("ssd_scan: Triton kernel kernels.ssd_scan.ssd_scan_triton")
+        log_once(log, "ssd_scan: Triton kernel kernels.ssd_scan.ssd_scan_triton")
         return fn
     if backend == "triton":
         raise RuntimeError(f"ssd_scan: backend='triton' but {reason}; use 'auto' or 'torch'")
-    _log_once(f"ssd_scan: PyTorch reference ({reason})")
+    log_once(log, f"ssd_scan: PyTorch reference ({reason})")
     return None
 
 
@@ -277,11 +273,11 @@ def _conv_triton(x, weight, bias, initial_window, backend: str, activation: str 
     if fn is not None:
         reason = _conv_unsupported(x, weight, initial_window, package=False)
     if reason is None:
-        _log_once("causal_conv1d: Triton kernel kernels.conv1d.causal_conv1d_triton")
+        log_once(log, "causal_conv1d: Triton kernel kernels.conv1d.causal_conv1d_triton")
         return fn(x, weight, bias, initial_window, activation)
     if backend == "triton":
         raise RuntimeError(f"causal_conv1d: backend='triton' but {reason}; use 'auto' or 'torch'")
-    _log_once(f"causal_conv1d: PyTorch reference ({reason})")
+    log_once(log, f"causal_conv1d: PyTorch reference ({reason})")
     return None
 
 

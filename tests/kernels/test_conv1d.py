@@ -10,6 +10,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # read when the kernels are decorated, so before the import below
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernels import dispatch
 from kernels import ssd  # noqa: E402
 from kernels.conv1d import causal_conv1d_triton  # noqa: E402
 from kernels.ssd import causal_conv1d, causal_conv1d_ref  # noqa: E402
@@ -144,7 +145,7 @@ def test_conv_kernel_matches_reference_gpu(dtype, activation):
 @pytest.mark.gpu
 def test_dispatch_auto_uses_triton_on_cuda(caplog):
     x, weight, bias = torch.randn(2, 960, 100, device="cuda"), torch.randn(960, 4, device="cuda"), None
-    ssd._log_once.cache_clear()
+    dispatch._log_cached.cache_clear()
     with caplog.at_level("INFO", logger="kernels.ssd"):
         out = causal_conv1d(x, weight, bias, activation="silu")
     assert any("Triton" in r.getMessage() for r in caplog.records)

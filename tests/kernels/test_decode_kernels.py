@@ -12,6 +12,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # read when the kernels are decorated, so before the import below
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernels import dispatch
 from kernels import decode  # noqa: E402
 from kernels.decode import (  # noqa: E402
     mamba2_decode,
@@ -91,7 +92,7 @@ def test_mla_checks_shapes_and_dispatch(caplog):
         mla_decode(q, qpe, lat, kpe[:, :5], lengths, 0.1)
     with pytest.raises(ValueError, match="lengths must be an integer tensor"):
         mla_decode(q, qpe, lat, kpe, lengths.float(), 0.1)
-    decode._log_cached.cache_clear()
+    dispatch._log_cached.cache_clear()
     with caplog.at_level(logging.INFO, logger="kernels.decode"):
         out = mla_decode(q, qpe, lat, kpe, lengths, 0.1)
         mla_decode(q, qpe, lat, kpe, lengths, 0.1)
@@ -111,7 +112,7 @@ def test_mla_kernel_matches_reference_gpu(dtype):
 @pytest.mark.gpu
 def test_mla_dispatch_uses_triton_on_cuda(caplog):
     q, qpe, lat, kpe, lengths, starts = mla_inputs(2, 9, 128, 32, 1000, torch.bfloat16, "cuda")
-    decode._log_cached.cache_clear()
+    dispatch._log_cached.cache_clear()
     with caplog.at_level(logging.INFO, logger="kernels.decode"):
         out = mla_decode(q, qpe, lat, kpe, lengths, 0.1, starts)
     assert [r.getMessage() for r in caplog.records] == ["mla_decode: Triton kernel"]
@@ -193,7 +194,7 @@ def test_mamba2_checks_shapes_and_dispatch(caplog):
     xbc, dt = inputs.pop("xbc")[:, 0], inputs.pop("dt")[:, 0]
     with pytest.raises(ValueError, match="dt has shape"):
         mamba2_decode(xbc, dt[:, :3], **inputs)
-    decode._log_cached.cache_clear()
+    dispatch._log_cached.cache_clear()
     with caplog.at_level(logging.INFO, logger="kernels.decode"):
         mamba2_decode(xbc, dt, **inputs)
     assert [r.getMessage() for r in caplog.records] == ["mamba2_decode: PyTorch reference (tensors are on cpu)"]

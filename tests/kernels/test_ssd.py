@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import dispatch
 from kernels import ssd
 from kernels.ssd import (
     causal_conv1d,
@@ -104,7 +105,7 @@ def test_ssd_scan_reference_expands_groups():
 
 def test_dispatch_logs_choice_once_and_rejects_bad_backends(caplog):
     x, dt, A, B, C, D, _ = ssd_inputs(1, 4, 2, 2, 2)
-    ssd._log_once.cache_clear()
+    dispatch._log_cached.cache_clear()
     with caplog.at_level(logging.INFO, logger="kernels.ssd"):
         ssd_scan(x, dt, A, B, C, 4)
         ssd_scan(x, dt, A, B, C, 4)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # read when the kernels are decorated, so before the import below
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernels import dispatch
 from kernels import ssd  # noqa: E402
 from kernels import ssd_scan as triton_scan  # noqa: E402
 from kernels.ssd import ssd_chunked_ref, ssd_scan  # noqa: E402
@@ -118,7 +119,7 @@ def test_rejects_bad_chunk_size_and_shapes():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; the gpu tests cover CUDA")
 def test_dispatch_triton_backend_runs_kernel_and_auto_stays_on_reference(caplog):
     inputs = scan_inputs(1, 20, 2, 8, 16, 1, torch.float32, dt_scale=0.1)
-    ssd._log_once.cache_clear()
+    dispatch._log_cached.cache_clear()
     with caplog.at_level(logging.INFO, logger="kernels.ssd"):
         check_against_reference(inputs, 16, TOL_CPU[torch.float32],
                                 scan=lambda *a, **kw: ssd_scan(*a, **kw, backend="triton"))
@@ -147,7 +148,7 @@ def test_gpu_smollm2_shapes_match_reference(dtype, l):
 @pytest.mark.gpu
 def test_gpu_auto_dispatch_picks_triton(caplog):
     inputs = scan_inputs(1, 300, 4, 64, 64, 4, torch.bfloat16, device="cuda", dt_scale=0.05)
-    ssd._log_once.cache_clear()
+    dispatch._log_cached.cache_clear()
     with caplog.at_level(logging.INFO, logger="kernels.ssd"):
         check_against_reference(inputs, 64, TOL_GPU[torch.bfloat16],
                                 scan=lambda *a, **kw: ssd_scan(*a, **kw, backend="auto"))

@@ -87,7 +87,9 @@ def test_partial_rope_full_rank_is_exact_and_truncation_error_falls(teacher):
         reload_diff = (reloaded(x, pos) - mla(x, pos)).abs().max().item()
     print(f"slots {slots}; error vs partial-RoPE reference by kv_rank 4..56: {errs}; vs Llama {vs_llama:.3e}; "
           f"reloaded max diff {reload_diff:.1e}")
-    assert all(a > b for a, b in zip(errs, errs[1:])) and errs[-1] < 1e-10
+    # SVD truncation is optimal for the weights, not for the outputs on these fresh inputs, so neighbouring
+    # ranks may swap (seen once in five runs at ranks 16/32); far-apart ranks and full rank may not.
+    assert errs[0] > errs[2] > errs[-2] > errs[-1] and errs[-1] < 1e-10
     assert mla.rope_freq_idx.tolist() == [i for _, i in slots] and reload_diff == 0
     assert 1e-4 < vs_llama < 1  # partial RoPE is an approximation of the teacher, not a copy
 
