@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from urllib.parse import urlsplit
 
 import ray
 
@@ -20,6 +22,30 @@ log = logging.getLogger(__name__)
 # Ray Train takes one metrics report per controller poll (2 s by default) and blocks the next, so
 # per-step reports of a small run would stall; an embedded cluster polls faster.
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+PROBE_TIMEOUT_S = 10.0
+
+
+class ClusterUnreachable(ConnectionError):
+    """Nothing answers at the cluster address (ray.init would retry for minutes before saying so)."""
+
+
+def check_reachable(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ClusterUnreachable unless a TCP connection to the address's host:port opens within timeout_s.
+    Addresses Ray resolves itself ("auto", "local") and ones without a port are left to ray.init."""
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ClusterUnreachable(f"cluster address {address!r}: the port is not a number") from None
+    if not host or port is None or address in ("auto", "local"):
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterUnreachable(
+            f"cluster address {address!r} (cluster.address or $RAY_ADDRESS): nothing answers at {host}:{port} "
+            f"within {timeout_s:.0f} s ({type(err).__name__}: {err}). Start a cluster there (`ray start --head`), "
+            "or fix the address; without one, jobs.run starts a Ray of its own") from None
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
@@ -28,6 +54,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         ray.init(address=address)
         log.info("joined the Ray cluster at %s", address)
         return f"joined {address}"

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cluster.connect import connect
+from cluster.connect import ClusterUnreachable, connect
 from cluster.preflight import PendingTimeout, PreflightError, check_cluster, watch_pending
 from cluster.storage import LocalStorage, Storage, open_storage
 from jobs.context import Context
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         report = run(spec)
-    except (SpecError, PreflightError, PendingTimeout) as e:
+    except (SpecError, PreflightError, PendingTimeout, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {report}")

@@ -58,3 +58,22 @@ def test_embedded_connect_with_the_address_file_of_a_killed_cluster(ray_tmpdir):
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_ports(1)[0]}")
     how, cpus, _ = connect_in_child(ray_tmpdir)
     assert how == "embedded" and cpus == 2.0
+
+
+def test_unreachable_address_fails_fast_naming_it(monkeypatch):
+    """cluster.address 127.0.0.1:1 hung the job in ray.init's retries; it must fail at once, naming the address."""
+    import time
+
+    import ray
+
+    from cluster.connect import ClusterUnreachable, check_reachable, connect
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver, whatever the suite started
+    start = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match=r"'127\.0\.0\.1:1'.*nothing answers at 127\.0\.0\.1:1"):
+        connect("127.0.0.1:1")
+    with pytest.raises(ClusterUnreachable, match="nothing answers"):
+        check_reachable("ray://127.0.0.1:1")
+    with pytest.raises(ClusterUnreachable, match="port is not a number"):
+        check_reachable("127.0.0.1:http")
+    assert time.monotonic() - start < 30
