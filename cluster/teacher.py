@@ -2,6 +2,7 @@
 
 Both give the same two calls, so a training loop does not care which it holds:
     hidden_states(input_ids) -> list of [batch, seq, d_model]
+    hidden_states(input_ids, mixers=True) -> (that list, each layer's attention output [batch, seq, d_model])
     logits(input_ids, top_k=None, temperature=1.0) -> [batch, seq, vocab] or TopKLogprobs
 
 On GPU the actor shares the worker's GPU (see cluster.placement) and its outputs reach the worker
@@ -26,6 +27,7 @@ from zebra.losses import TopKLogprobs, top_k_logprobs
 TeacherFactory = Callable[[], nn.Module]
 TeacherMode = Literal["actor", "inprocess"]
 TEACHER_MODES = ("actor", "inprocess")
+LayerStates = tuple[list[Tensor], list[Tensor]]  # (hidden states, attention outputs) of hidden_states(mixers=True)
 
 
 class LocalTeacher:
@@ -39,16 +41,24 @@ class LocalTeacher:
         self.model = factory().to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: Tensor) -> list[Tensor]:
+    def hidden_states(self, input_ids: Tensor, mixers: bool = False) -> list[Tensor] | LayerStates:
         """n_layers + 1 tensors [batch, seq, d_model]: the input of each decoder layer, then the
-        last layer's output before the final norm (HF's last entry is after the norm; ILD needs before)."""
-        captured = []
-        hook = self.model.model.norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        last layer's output before the final norm (HF's last entry is after the norm; ILD needs before).
+        mixers: also return each decoder layer's attention output (`self_attn`, after its output
+        projection, before the residual add), n_layers tensors [batch, seq, d_model]."""
+        captured, attn = [], []
+        hooks = [self.model.model.norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))]
+        if mixers:
+            hooks += [_attention(layer, i).register_forward_hook(
+                lambda _module, _args, out: attn.append(out[0] if isinstance(out, tuple) else out))
+                for i, layer in enumerate(self.model.model.layers)]
         try:
             out = self.model.model(input_ids.to(self.device), output_hidden_states=True)
         finally:
-            hook.remove()
-        return [*out.hidden_states[:-1], captured[0]]
+            for hook in hooks:
+                hook.remove()
+        hidden = [*out.hidden_states[:-1], captured[0]]
+        return (hidden, attn) if mixers else hidden
 
     @torch.no_grad()
     def logits(self, input_ids: Tensor, top_k: int | None = None, temperature: float = 1.0) -> Tensor | TopKLogprobs:
@@ -68,8 +78,8 @@ class TeacherActor:
     def __init__(self, factory: TeacherFactory, device: str):
         self._teacher = LocalTeacher(factory, device)
 
-    def hidden_states(self, input_ids: Tensor) -> list:
-        return _map_tensors(_share, self._teacher.hidden_states(input_ids))
+    def hidden_states(self, input_ids: Tensor, mixers: bool = False):
+        return _map_tensors(_share, self._teacher.hidden_states(input_ids, mixers))
 
     def logits(self, input_ids: Tensor, top_k: int | None = None, temperature: float = 1.0):
         return _map_tensors(_share, self._teacher.logits(input_ids, top_k, temperature))
@@ -89,8 +99,8 @@ class RemoteTeacher:
             if theirs != mine:
                 raise RuntimeError(f"teacher actor runs on GPU {theirs}, not on its worker's GPU {mine}")
 
-    def hidden_states(self, input_ids: Tensor) -> list[Tensor]:
-        return self._open(ray.get(self.actor.hidden_states.remote(input_ids.cpu())))
+    def hidden_states(self, input_ids: Tensor, mixers: bool = False) -> list[Tensor] | LayerStates:
+        return self._open(ray.get(self.actor.hidden_states.remote(input_ids.cpu(), mixers)))
 
     def logits(self, input_ids: Tensor, top_k: int | None = None, temperature: float = 1.0) -> Tensor | TopKLogprobs:
         return self._open(ray.get(self.actor.logits.remote(input_ids.cpu(), top_k, temperature)))
@@ -133,10 +143,19 @@ def _open(x, device: torch.device) -> Tensor:
     return rebuild(*args)
 
 
+def _attention(layer: nn.Module, index: int) -> nn.Module:
+    """A teacher decoder layer's attention module (HF's `self_attn`)."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None:
+        raise ValueError(f"teacher decoder layer {index} ({type(layer).__name__}) has no self_attn: "
+                         "its mixer output cannot be captured for ILD")
+    return attn
+
+
 def _map_tensors(fn, out):
-    """Apply fn to each tensor of a teacher output: a tensor, a list of tensors, or TopKLogprobs."""
-    if isinstance(out, list):
-        return [fn(t) for t in out]
+    """Apply fn to each tensor of a teacher output: a tensor, a list or tuple of them (nested), or TopKLogprobs."""
+    if isinstance(out, (list, tuple)):
+        return type(out)(_map_tensors(fn, t) for t in out)
     if isinstance(out, TopKLogprobs):
         return dataclasses.replace(out, logprobs=fn(out.logprobs), indices=fn(out.indices))
     return fn(out)

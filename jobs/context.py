@@ -2,7 +2,7 @@
 
     ctx.output(SmartOutput)           a typed output of an earlier stage (jobs.outputs)
     ctx.model_dir("ild/mla")          a local folder holding a model the run stored
-    train, held = sequences(spec, ctx, seq_len)
+    train, held = sequences(spec, ctx, seq_len, "kd")  # a stage's slice (ild, kd) and the held-out rows
     train_config(spec, spec.kd)       the recipe's TrainConfig (jobs.train) for a stage's section
     kd_recipe(spec, teacher_dir)      KD's TrainConfig, teacher and objective (the kd stage's and Tune's)
 """
@@ -23,7 +23,7 @@ from cluster.storage import Storage, fetch_uri
 from jobs.outputs import StageOutput
 from jobs.spec import JobSpec, TrainSettings
 from jobs.train import Objective, TrainConfig, kd_objective
-from zebra.data import PackedDataset, load_texts, packed_sequences
+from zebra.data import PackedDataset, iter_texts, packed_sequences, rows_of, texts_for_tokens, token_slices
 from zebra.teacher import load_teacher_model, teacher_folder
 
 log = logging.getLogger(__name__)
@@ -71,31 +71,76 @@ class Context:
         return str((self.scratch / "_ray").resolve())
 
 
+DATA_SLICES = ("held_out", "ild", "kd")  # the corpus's disjoint token ranges, in this order
+
+
+def token_budgets(spec: JobSpec) -> dict[str, int]:
+    """Tokens each slice of the corpus needs: held_out, data.held_out_sequences rows of the longest
+    seq_len any stage packs at; ild, the ild stage's tokens (at least init's calibration); kd, the
+    kd stage's tokens (at least one Tune trial's). A disabled stage's slice is only what others need."""
+    tune = spec.tune  # None: no tune section
+    trial = tune.steps * tune.micro_batch * tune.seq_len if tune else 0
+    budgets = {
+        "held_out": spec.data.held_out_sequences * longest_seq_len(spec),
+        "ild": max(spec.ild.tokens if spec.ild.enabled else 0, spec.init.calibration_sequences * spec.init.seq_len),
+        "kd": spec.kd.tokens if spec.kd.enabled else trial,
+    }
+    return {name: tokens for name, tokens in budgets.items() if tokens > 0}
+
+
+def longest_seq_len(spec: JobSpec) -> int:
+    """The longest seq_len any stage (or Tune) packs the corpus at."""
+    tune = spec.tune
+    return max(spec.init.seq_len, spec.ild.seq_len, spec.smart.seq_len, spec.kd.seq_len, tune.seq_len if tune else 0)
+
+
 @functools.lru_cache(maxsize=4)
-def _texts(source: str, split: str, text_field: str, name: str | None, endpoint: str | None) -> tuple[str, ...]:
-    """The corpus; an s3:// source is fetched through cluster.storage and read as the local copy."""
+def _texts(source: str, split: str, text_field: str, name: str | None, endpoint: str | None, tokenizer_dir: str,
+           tokens: int) -> tuple[str, ...]:
+    """The first documents of the corpus holding `tokens` tokens (zebra.data.texts_for_tokens): no
+    more is read. An s3:// source is fetched through cluster.storage and read as the local copy."""
     if source.startswith("s3://"):
         source = str(fetch_uri(source, endpoint))
-    return tuple(load_texts(source, split, text_field, name=name))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return tuple(texts_for_tokens(iter_texts(source, split, text_field, name=name), tok, tokens))
 
 
-def sequences(spec: JobSpec, ctx: Context, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training, held-out) packed sequences [n, seq_len] int64; the last data.held_out_sequences
-    rows are held out (at this seq_len: another seq_len packs the same text into other rows)."""
+def sequences(spec: JobSpec, ctx: Context, seq_len: int, stage: str = "ild") -> tuple[np.ndarray, np.ndarray]:
+    """(the stage's training rows, the held-out rows), each [n, seq_len] int64.
+
+    The corpus is read only as far as token_budgets needs (plus a few rows of slack) and cut into
+    disjoint token ranges held_out | ild | kd (zebra.data.token_slices; the same ranges at every
+    seq_len, so the held-out text is in no stage's training rows and ILD and KD train on different
+    text); stage picks "ild" or "kd". The held-out rows are the first data.held_out_sequences whole
+    rows of the held-out range. A corpus shorter than the budgets shrinks every range in proportion
+    (token_slices warns), measured at this seq_len.
+    """
+    if stage not in DATA_SLICES[1:]:
+        raise ValueError(f"sequences: stage {stage!r} has no data slice; expected one of {DATA_SLICES[1:]}")
     d = spec.data
-    texts = _texts(d.source, d.split, d.text_field, d.hub_config, spec.storage.s3_endpoint_url)
+    budgets = token_budgets(spec)
+    if stage not in budgets:
+        raise ValueError(f"sequences: no tokens are budgeted for {stage!r} (its stage is disabled)")
+    slack = 2 * len(budgets) * longest_seq_len(spec)  # rows_of drops a partial row at each end of each range
+    texts = _texts(d.source, d.split, d.text_field, d.hub_config, spec.storage.s3_endpoint_url, ctx.teacher_dir,
+                   sum(budgets.values()) + slack)
     tok = AutoTokenizer.from_pretrained(ctx.teacher_dir)
     seqs = packed_sequences(list(texts), tok, seq_len, cache_dir=ctx.scratch / "data").astype(np.int64)
+    ranges = token_slices(budgets, len(seqs) * seq_len)
     n_held = d.held_out_sequences
-    if len(seqs) <= n_held:
-        raise ValueError(f"data.source {d.source!r} packs into only {len(seqs)} sequences of {seq_len} tokens; "
-                         f"data.held_out_sequences={n_held} leaves none to train on")
-    return seqs[: len(seqs) - n_held], seqs[len(seqs) - n_held:]
+    held = seqs[rows_of(ranges["held_out"], seq_len)][:n_held] if n_held else seqs[:0]
+    if len(held) < n_held:
+        raise ValueError(f"data.source {d.source!r}: data.held_out_sequences={n_held} but the corpus's held-out "
+                         f"range packs into {len(held)} sequences of {seq_len} tokens")
+    train = seqs[rows_of(ranges[stage], seq_len)]
+    if len(train) == 0:
+        raise ValueError(f"data.source {d.source!r} leaves no {stage} sequence of {seq_len} tokens to train on")
+    return train, held
 
 
 def data_factory(spec: JobSpec, ctx: Context, stage: str, section: TrainSettings):
     """A picklable distill data_factory over this stage's training sequences (saved as .npy in scratch)."""
-    train, _ = sequences(spec, ctx, section.seq_len)
+    train, _ = sequences(spec, ctx, section.seq_len, stage)
     path = ctx.scratch / "data" / f"{stage}-{section.seq_len}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, train)
@@ -119,7 +164,8 @@ def train_config(spec: JobSpec, section: TrainSettings, **changes) -> TrainConfi
     bf16 = section.bf16 if use_gpu else False  # "auto" is decided in each worker (jobs.train.resolve_bf16)
     fields = dict(
         workers=section.workers, use_gpu=use_gpu, zero_stage=section.zero_stage, lr=section.lr,
-        warmup_frac=section.warmup_frac, total_steps=section.total_steps, micro_batch=section.micro_batch,
+        warmup_frac=section.warmup_frac, min_lr_ratio=section.min_lr_ratio, grad_clip=section.grad_clip,
+        total_steps=section.total_steps, micro_batch=section.micro_batch,
         seq_len=section.seq_len, grad_accum=section.grad_accum, bf16=bf16, teacher_mode=section.teacher_mode,
         checkpoint_every=section.checkpoint_every, keep_checkpoints=spec.storage.keep_checkpoints,
         seed=spec.seed, log_every=section.log_every,

@@ -41,8 +41,8 @@ class InitOutput(StageOutput):
 
 @dataclasses.dataclass(kw_only=True)
 class IldOutput(StageOutput):
-    mse_before: dict[str, float]  # per student kind: held-out MSE summed over layers
-    mse_after: dict[str, float]
+    loss_before: dict[str, float]  # per student kind: held-out ILD loss (zebra.losses.ild_loss) summed over layers
+    loss_after: dict[str, float]
     history: list[dict]  # the loss curve (jobs.context.curve)
 
 

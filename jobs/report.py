@@ -76,8 +76,8 @@ def _ild(infos: dict) -> str:
     if "ild" not in infos:
         return ""
     i = infos["ild"]
-    return "## ILD held-out MSE (summed over layers)\n\n" + "\n".join(
-        f"- {k}: {i.mse_before[k]:.5f} -> {i.mse_after[k]:.5f}" for k in i.mse_before) + "\n"
+    return "## ILD held-out loss (official ILD loss, summed over layers)\n\n" + "\n".join(
+        f"- {k}: {i.loss_before[k]:.5f} -> {i.loss_after[k]:.5f}" for k in i.loss_before) + "\n"
 
 
 def _kd(infos: dict) -> str:

@@ -176,6 +176,8 @@ class TrainSettings(Section):
     grad_accum: PosInt = 1
     lr: PosFloat = 8e-5  # peak; cosine decay after warmup
     warmup_frac: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0  # cosine decays to lr * this (official: 0)
+    grad_clip: PosFloat = 1.0  # max gradient norm (ILD: per student)
     zero_stage: Literal[2, 3] = 2  # DeepSpeed ZeRO
     workers: PosInt = 1  # Ray Train workers (data parallel)
     gpus_per_worker: Annotated[int, Field(ge=0)] = 0  # 0: train on CPU
@@ -205,6 +207,7 @@ class TrainSettings(Section):
 class IldSpec(TrainSettings):
     tokens: PosInt = 2_000_000
     lr: PosFloat = 2e-4  # the official ILD configs
+    train_mlp_norms: bool = False  # also train the students' MLPs and norms (default: only the mixers)
 
 
 class SmartSpec(Section):

@@ -70,9 +70,9 @@ class TrainConfig:
     zero_stage: int = 2
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_frac: float = 0.1  # of total_steps, linear from 0 (DeepSpeed warms up at least 2 steps)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
+    warmup_frac: float = 0.1  # of total_steps, linear warmup (lr_ratio: the first step is never at lr 0)
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (the official configs: to zero)
+    grad_clip: float = 1.0  # max gradient norm, per optimizer parameter group (ILD: per student)
     total_steps: int = 100
     micro_batch: int = 4
     seq_len: int = 128
@@ -95,6 +95,8 @@ class TrainConfig:
         _require(self.bf16 in (True, False, "auto"), "bf16", self.bf16, 'True, False or "auto"')
         _require(self.bf16 is not True or self.use_gpu, "bf16", self.bf16, "False or \"auto\" when use_gpu is False")
         _require(0.0 <= self.warmup_frac < 1.0, "warmup_frac", self.warmup_frac, "in [0, 1)")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _require(self.grad_clip > 0.0, "grad_clip", self.grad_clip, "> 0")
         for name in ("workers", "total_steps", "micro_batch", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
 
@@ -102,6 +104,10 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         """Tokens of one optimizer step over all workers."""
         return self.workers * self.grad_accum * self.micro_batch * self.seq_len
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_frac * self.total_steps)
 
 
 def _require(ok: bool, field: str, value: Any, expected: str) -> None:
@@ -400,33 +406,73 @@ def _device(use_gpu: bool) -> torch.device:
 
 
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
-    """The DeepSpeed config of a run: ZeRO stage, torch AdamW, warmup + cosine LR, clipping, bf16.
-
-    torch's AdamW everywhere: DeepSpeed's FusedAdam needs a CUDA JIT build and its CPUAdam a C++
-    one; torch's fused kernel covers the GPU and its foreach path the CPU.
-    """
-    adamw = {"lr": cfg.lr, "betas": [0.9, 0.95], "weight_decay": cfg.weight_decay, "torch_adam": True}
-    if cfg.use_gpu:
-        adamw["fused"] = True
+    """The DeepSpeed config of a run: ZeRO stage and bf16. The optimizer (GroupClippedAdamW, which
+    also clips) and the LR schedule (lr_ratio) are handed to deepspeed.initialize by _engine, so
+    DeepSpeed's own clipping is off."""
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0,
         "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,  # GroupClippedAdamW: torch's AdamW plus clipping
         "bf16": {"enabled": resolve_bf16(cfg.bf16, cfg.use_gpu)},
-        "optimizer": {"type": "AdamW", "params": adamw},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": cfg.total_steps,
-                "warmup_num_steps": max(1, round(cfg.warmup_frac * cfg.total_steps)),
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": cfg.min_lr_ratio,
-            },
-        },
         "steps_per_print": cfg.total_steps + 1,  # we log; keep DeepSpeed's own step lines out
     }
+
+
+def lr_ratio(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning rate of optimizer step `step` (0-based) over the peak: linear warmup over
+    `warmup` steps starting at 1/warmup (never 0: a one-step warmup is the peak), then a cosine
+    from 1 at step `warmup` to min_ratio at step `total` (the official configs: AdamW, warmup,
+    cosine to zero; as transformers' get_cosine_schedule_with_warmup with min_ratio 0, whose
+    warmup starts at 0; DeepSpeed's WarmupCosineLR would warm up over at least 2 steps, by default
+    on a log curve)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR scheduler DeepSpeed steps once per optimizer step (and checkpoints)."""
+    ratio = functools.partial(lr_ratio, warmup=cfg.warmup_steps, total=cfg.total_steps, min_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, ratio)
+
+
+class GroupClippedAdamW(torch.optim.AdamW):
+    """torch's AdamW that first clips each parameter group's gradient to norm max_norm on its own
+    (ILD: one group per student, as the official code clips each student separately; one group:
+    ordinary global-norm clipping).
+
+    Under DeepSpeed ZeRO a group's parameters are one flat fp32 partition per rank, and ZeRO calls
+    step() one group at a time: a group's norm is the all-reduced (sum over ranks) square sum of
+    the partitions this process holds. (ZeRO-3 splits a group over 1e12 elements into sub-groups,
+    clipped apart.) Each group's norm before clipping is left in group["grad_norm"].
+    torch's AdamW everywhere: DeepSpeed's FusedAdam needs a CUDA JIT build and its CPUAdam a C++
+    one; torch's fused kernel covers the GPU and its foreach path the CPU.
+    """
+
+    def __init__(self, params, max_norm: float, **adamw):
+        super().__init__(params, **adamw)
+        self.max_norm = max_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if not group["params"]:
+                continue  # ZeRO-3 empties the groups it is not stepping (the same ones on every rank)
+            device = group["params"][0].device
+            square = sum((g.float().square().sum() for g in grads), torch.zeros((), device=device))
+            if dist.is_initialized():
+                dist.all_reduce(square)
+            norm = square.sqrt()
+            group["grad_norm"] = float(norm)
+            scale = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(scale.to(g.dtype))
+        return super().step(closure)
 
 
 def resolve_bf16(setting: bool | str, use_gpu: bool) -> bool:
@@ -436,13 +482,16 @@ def resolve_bf16(setting: bool | str, use_gpu: bool) -> bool:
 
 
 def _engine(cfg: TrainConfig, student: nn.Module, world: int):
-    """The student inside a DeepSpeed engine (uses the process group Ray Train set up)."""
+    """The student inside a DeepSpeed engine (uses the process group Ray Train set up), with
+    GroupClippedAdamW over the student's param_groups() where it has them (else one group of its
+    trainable parameters) and the lr_ratio schedule."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    engine, *_ = deepspeed.initialize(
-        model=student,
-        model_parameters=[p for p in student.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, world),
-    )
+    groups = (student.param_groups() if hasattr(student, "param_groups")
+              else [{"params": [p for p in student.parameters() if p.requires_grad]}])
+    optimizer = GroupClippedAdamW(groups, max_norm=cfg.grad_clip, lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay, fused=True if cfg.use_gpu else None)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, world),
+                                      lr_scheduler=functools.partial(_schedule, cfg=cfg))
     return engine
 
 

@@ -80,7 +80,7 @@ def run_search(spec: JobSpec) -> Outcome:
     shared = {shape.qk_rope_dim: _run_shared(_shared_spec(spec, shape), teacher_dir, shape.num_mla)
               for shape in shared_students(space.arms)}
     ctx = make_context(spec, teacher_dir, 0)
-    train, held = sequences(spec, ctx, spec.tune.seq_len)
+    train, held = sequences(spec, ctx, spec.tune.seq_len, "kd")  # trials train as KD does
     plan = _plan(spec, teacher_dir, shared, space, train, held, memory)
     searching = time.perf_counter()
     results, filesystem = _fit(spec, ctx, space, plan)

@@ -86,7 +86,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 def arm_layers(plan: TrialPlan, arm: Arm) -> list[int]:
     """The arm's MLA layers: SMART's choice of arm.num_mla layers by the shared scores."""
     st = plan.spec.student
-    return select_mla_layers(plan.shared[arm.qk_rope_dim].scores, arm.num_mla, st.keep_terminal, st.min_spacing)
+    return select_mla_layers(plan.shared[arm.qk_rope_dim].scores, arm.num_mla, st.keep_terminal, st.min_spacing,
+                             st.placement)
 
 
 def build_hybrid(storage: Storage, layers: list[int], kv_rank: int, q_rank: int | None) -> nn.Module:

@@ -1,9 +1,13 @@
 """Stage ild: intermediate-layer distillation of both pure students in one run of the recipe (jobs.train).
 
 Each student layer i gets the teacher's input to layer i and must reproduce the teacher's output
-of layer i (cluster.teacher's hidden_states: entry i+1, the last one taken before the final norm),
-MSE summed over layers and over the two students. Only the mixers train; norms and MLPs are the
-teacher's. Outputs: ild/mla, ild/mamba; IldOutput: held-out MSE per student before and after, loss curve.
+of layer i (cluster.teacher's hidden_states: entry i+1, the last one taken before the final norm)
+and the output of its attention (the student's mixer output against the teacher's self_attn output):
+the official Zebra-Llama loss, zebra.losses.ild_loss (token mean of the unsquared L2 norm of each
+difference), summed over layers and over the two students. Each student's gradient is clipped on
+its own (jobs.train's GroupClippedAdamW: one parameter group per student). Only the mixers train unless
+ild.train_mlp_norms (then the layers' MLPs and norms too). Outputs: ild/mla, ild/mamba; IldOutput:
+held-out ILD loss per student before and after, loss curve.
 """
 from __future__ import annotations
 
@@ -26,31 +30,51 @@ log = logging.getLogger(__name__)
 
 
 class StudentPair(nn.Module):
-    """The pure-MLA and pure-Mamba2 students side by side; only their mixers are trainable."""
+    """The pure-MLA and pure-Mamba2 students side by side; their mixers are trainable (with
+    train_mlp_norms, the decoder layers' MLPs and norms too)."""
 
-    def __init__(self, mla_dir: str, mamba_dir: str):
+    def __init__(self, mla_dir: str, mamba_dir: str, train_mlp_norms: bool = False):
         super().__init__()
         self.mla, self.mamba = load_student(mla_dir), load_student(mamba_dir)
         for name, p in self.named_parameters():
-            p.requires_grad_(".mixer." in name)
+            p.requires_grad_(".layers." in name and (".mixer." in name or train_mlp_norms))
 
-    def layer_losses(self, hidden: list[Tensor]) -> dict[str, Tensor]:
-        """hidden: the teacher's n_layers + 1 states [batch, seq, d_model]; per student, the summed
-        MSE of its layers each fed the teacher's input."""
+    def param_groups(self) -> list[dict]:
+        """One optimizer parameter group per student (jobs.train clips each group's gradient on its own)."""
+        return [{"params": [p for p in getattr(self, kind).parameters() if p.requires_grad]}
+                for kind in ("mla", "mamba")]
+
+    def layer_losses(self, hidden: list[Tensor], mixers: list[Tensor]) -> dict[str, Tensor]:
+        """hidden: the teacher's n_layers + 1 states, mixers: its n_layers attention outputs, all
+        [batch, seq, d_model]; per student, the summed ild_loss of its layers each fed the teacher's input."""
         batch, seq, _ = hidden[0].shape
         pos = torch.arange(seq, device=hidden[0].device).expand(batch, seq)
         losses = {}
         for kind, student in (("mla", self.mla), ("mamba", self.mamba)):
-            layers = student.model.layers
-            losses[kind] = sum(ild_loss(layer(hidden[i], pos), hidden[i + 1]) for i, layer in enumerate(layers))
+            total = 0
+            for i, layer in enumerate(student.model.layers):
+                out, mixed = _layer_and_mixer(layer, hidden[i], pos)
+                total = total + ild_loss(out, hidden[i + 1], mixed, mixers[i])
+            losses[kind] = total
         return losses
 
-    def forward(self, hidden: list[Tensor]) -> Tensor:
-        return sum(self.layer_losses(hidden).values())
+    def forward(self, targets: tuple[list[Tensor], list[Tensor]]) -> Tensor:
+        return sum(self.layer_losses(*targets).values())
+
+
+def _layer_and_mixer(layer: nn.Module, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """A decoder layer's output and its mixer's output (caught by a forward hook), both [batch, seq, d_model]."""
+    caught = []
+    hook = layer.mixer.register_forward_hook(lambda _module, _args, out: caught.append(out))
+    try:
+        out = layer(x, pos)
+    finally:
+        hook.remove()
+    return out, caught[0]
 
 
 def _targets(teacher, batch):
-    return teacher.hidden_states(batch["input_ids"])
+    return teacher.hidden_states(batch["input_ids"], mixers=True)
 
 
 def _loss(student: nn.Module, targets, batch) -> Tensor:
@@ -61,27 +85,28 @@ ILD_OBJECTIVE = Objective(_targets, _loss)
 
 
 @torch.no_grad()
-def held_out_mse(pair: StudentPair, teacher: LocalTeacher, ids: Tensor) -> dict[str, float]:
-    losses = pair.layer_losses(teacher.hidden_states(ids))
+def held_out_ild(pair: StudentPair, teacher: LocalTeacher, ids: Tensor) -> dict[str, float]:
+    """Per student, the ILD loss (summed over layers) on held-out sequences ids [n, seq_len]."""
+    losses = pair.layer_losses(*teacher.hidden_states(ids, mixers=True))
     return {kind: float(v) for kind, v in losses.items()}
 
 
 def run(spec: JobSpec, ctx: Context) -> IldOutput:
     init_dirs = [ctx.model_dir(f"init/{kind}") for kind in ("mla", "mamba")]
-    factory = functools.partial(StudentPair, *init_dirs)
+    factory = functools.partial(StudentPair, *init_dirs, spec.ild.train_mlp_norms)
     teacher_factory = functools.partial(load_teacher_model, ctx.teacher_dir, spec.teacher.dtype)
     _, held = sequences(spec, ctx, spec.ild.seq_len)
     held = torch.from_numpy(held)
     teacher = LocalTeacher(teacher_factory)
-    before = held_out_mse(factory(), teacher, held)
+    before = held_out_ild(factory(), teacher, held)
     result = distill(train_config(spec, spec.ild), factory, teacher_factory, ILD_OBJECTIVE,
                      data_factory(spec, ctx, "ild", spec.ild), ctx.ray_storage(),
                      f"ild-{spec.section_hash('ild')}")
     pair = factory()
     pair.load_state_dict(result.student_state_dict())
-    after = held_out_mse(pair.eval(), teacher, held)
+    after = held_out_ild(pair.eval(), teacher, held)
     for kind in ("mla", "mamba"):
         ctx.save_model(getattr(pair, kind), f"ild/{kind}")
-        log.info("ild: %s student held-out MSE %.5f -> %.5f", kind, before[kind], after[kind])
-    return IldOutput(tokens=spec.ild.total_steps * spec.ild.tokens_per_step, mse_before=before, mse_after=after,
+        log.info("ild: %s student held-out ILD loss %.5f -> %.5f", kind, before[kind], after[kind])
+    return IldOutput(tokens=spec.ild.total_steps * spec.ild.tokens_per_step, loss_before=before, loss_after=after,
                      history=curve(result.history))

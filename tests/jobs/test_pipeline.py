@@ -43,9 +43,9 @@ def test_end_to_end_then_rerun_is_a_no_op(teacher_dir, data_file, chat_pairs_fil
         assert (tmp_path / "fault-fired").exists()
         assert [(h["step"], h["resumed_from"]) for h in ild["history"]] == [(2, 0), (4, 0), (6, 4), (8, 4)]
         assert "from step 4" in report.read_text()
-    print({k: (ild["mse_before"][k], ild["mse_after"][k]) for k in ild["mse_before"]}, kd["kl_before"], kd["kl_after"])
+    print({k: (ild["loss_before"][k], ild["loss_after"][k]) for k in ild["loss_before"]}, kd["kl_before"], kd["kl_after"])
     for kind in ("mla", "mamba"):
-        assert ild["mse_after"][kind] < ild["mse_before"][kind]
+        assert ild["loss_after"][kind] < ild["loss_before"][kind]
     assert kd["kl_after"] < kd["kl_before"]
     if zero_stage == 2:
         assert len(infos["smart"]["mla_layers"]) == 2 and len(infos["smart"]["scores"]) == 4

@@ -92,7 +92,7 @@ def test_s3_run_writes_the_bucket_and_resumes_from_it(teacher_dir, data_file, tm
     assert not any(k.startswith(("kd/", "export/")) for k in first)
     assert "report/report.md" in first
     infos = {stage: marker(client, stage) for stage in FIRST}
-    assert infos["ild"]["mse_after"]["mla"] < infos["ild"]["mse_before"]["mla"]
+    assert infos["ild"]["loss_after"]["mla"] < infos["ild"]["loss_before"]["mla"]
     assert len(infos["smart"]["mla_layers"]) == 2
 
     # run 2, as on another machine: no scratch, no download cache; kd and export on

@@ -12,7 +12,7 @@ from jobs.outputs import IldOutput, KdOutput, SmartOutput
 from jobs.run import PIPELINE, STAGE, check_inputs, run_stage
 from jobs.spec import STAGES, SpecError, load_spec
 
-ILD = IldOutput(tokens=128, wall_s=1.5, mse_before={"mla": 2.0, "mamba": 3.0}, mse_after={"mla": 1.0, "mamba": 1.5},
+ILD = IldOutput(tokens=128, wall_s=1.5, loss_before={"mla": 2.0, "mamba": 3.0}, loss_after={"mla": 1.0, "mamba": 1.5},
                 history=[{"step": 2, "loss": 0.5}])
 
 
@@ -40,8 +40,8 @@ def test_outputs_round_trip_through_markers(tmp_path):
     storage = LocalStorage(tmp_path)
     storage.mark_complete("ild", {**ILD.to_json(), "stage": "ild", "hash": "abc"})
     assert IldOutput.from_json(storage.stage_info("ild")) == ILD
-    with pytest.raises(ValueError, match="lacks \\['mse_after'\\]"):
-        IldOutput.from_json({k: v for k, v in ILD.to_json().items() if k != "mse_after"})
+    with pytest.raises(ValueError, match="lacks \\['loss_after'\\]"):
+        IldOutput.from_json({k: v for k, v in ILD.to_json().items() if k != "loss_after"})
 
 
 def test_disabled_smart_with_given_layers_stands_in(tmp_path):

@@ -72,13 +72,14 @@ def held_out_kd(student) -> float:
 def remote_teacher_outputs(ids):
     """What a worker receives from a teacher actor started beside it."""
     teacher = start_teacher(teacher_factory, "actor", torch.device("cpu"), num_cpus=0.5)
-    return teacher.hidden_states(ids), teacher.logits(ids), teacher.logits(ids, top_k=5, temperature=2.0)
+    return (teacher.hidden_states(ids), teacher.logits(ids), teacher.logits(ids, top_k=5, temperature=2.0),
+            teacher.hidden_states(ids, mixers=True))
 
 
 @pytest.mark.slow
 def test_teacher_actor_matches_local_teacher():
     ids = next(random_tokens(0, 1, 0, seed=7))["input_ids"]
-    hidden, logits, top = ray.get(remote_teacher_outputs.remote(ids))
+    hidden, logits, top, (hidden_m, mixers) = ray.get(remote_teacher_outputs.remote(ids))
     local = LocalTeacher(teacher_factory)
     model = local.model
     with torch.no_grad():
@@ -87,6 +88,10 @@ def test_teacher_actor_matches_local_teacher():
     for got, want in zip(hidden[:-1], hf.hidden_states[:-1]):  # the input of each decoder layer
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(model.model.norm(hidden[-1]), hf.hidden_states[-1])  # last: before the norm
+    local_hidden, local_mixers = local.hidden_states(ids, mixers=True)  # the actor ships (hidden, mixers) whole
+    assert len(mixers) == model.config.num_hidden_layers
+    for got, want in zip([*hidden_m, *mixers], [*local_hidden, *local_mixers]):
+        torch.testing.assert_close(got, want)
     torch.testing.assert_close(logits, hf.logits)
     local_top = local.logits(ids, top_k=5, temperature=2.0)
     assert isinstance(top, TopKLogprobs) and top.temperature == 2.0
@@ -112,12 +117,14 @@ def gpu_teacher_check(ids):
     local = LocalTeacher(teacher_factory, device)
     shipped = ray.get(remote.actor.logits.remote(ids))
     got, want = remote.logits(ids), local.logits(ids)
-    hidden = remote.hidden_states(ids)
+    hidden, mixers = remote.hidden_states(ids, mixers=True)
+    local_hidden, local_mixers = local.hidden_states(ids, mixers=True)
     return {
         "shipped_as": type(shipped).__name__,
         "device": str(got.device),
         "max_diff": (got - want).abs().max().item(),
-        "hidden_diff": max((a - b).abs().max().item() for a, b in zip(hidden, local.hidden_states(ids))),
+        "hidden_diff": max((a - b).abs().max().item()
+                           for a, b in zip([*hidden, *mixers], [*local_hidden, *local_mixers])),
     }
 
 

@@ -27,8 +27,9 @@ from tune.space import Arm
 from tune.trial import SharedStudents, TrialPlan, arm_layers, run_trial, trial_recipe
 from zebra.convert import convert, hybrid_config
 from zebra.hybrid import compose_hybrid
+from zebra.smart import select_mla_layers
 
-STEPS, MICRO, SEQ = 3, 2, 32  # step 1 runs at learning rate 0 (DeepSpeed's warmup starts at 0); 2 and 3 move
+STEPS, MICRO, SEQ = 3, 2, 32  # warmup_frac 0: step 1 runs at the peak lr, 2 and 3 on the cosine down
 
 
 class Recorder:
@@ -130,3 +131,15 @@ def test_trial_steps_are_kd_steps(teacher_dir, tmp_path, monkeypatch, one_rank_g
     assert any(not torch.equal(kd.state[k], before[k]) for k in before)  # the steps moved the weights
     for k in before:
         assert torch.equal(trial.state[k], kd.state[k]), k
+
+
+@pytest.mark.parametrize("placement", ["near_uniform", "spaced"])
+def test_arm_layers_follow_the_spec_placement(tmp_path, placement):
+    """arm_layers hands student.placement to SMART: the spec's shape, not always the default."""
+    scores = [0.0, 0.0, 5.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0]
+    student = {"kv_rank": 4, "qk_rope_dim": 2, "num_mla_layers": 3, "keep_terminal": False, "placement": placement}
+    spec = load_spec({"teacher": {"source": "t"}, "storage": {"uri": str(tmp_path)}, "student": student})
+    plan = SimpleNamespace(spec=spec, shared={2: SimpleNamespace(scores=scores)})
+    layers = arm_layers(plan, SimpleNamespace(qk_rope_dim=2, num_mla=3))
+    assert layers == select_mla_layers(scores, 3, False, None, placement)
+    assert layers == ([0, 3, 7] if placement == "near_uniform" else [2, 3, 9])  # the shapes differ here

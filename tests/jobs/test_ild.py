@@ -1,0 +1,139 @@
+"""The ILD stage's objective: the official Zebra-Llama loss on layer and mixer outputs, checked
+against a float64 hand computation on a tiny teacher and its converted, perturbed students."""
+import copy
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from cluster.teacher import LocalTeacher, _map_tensors
+from jobs.context import batches
+from jobs.stages.ild import ILD_OBJECTIVE, StudentPair, held_out_ild
+from jobs.train import STUDENT_STATE_FILE, Session, TrainConfig, train_worker
+from tests.jobs.conftest import teacher_dir  # noqa: F401 (module fixture)
+from zebra.convert import convert, hybrid_config
+
+BATCH, SEQ = 2, 12
+
+
+@pytest.fixture(scope="module")
+def students(teacher_dir, tmp_path_factory):  # noqa: F811
+    """(mla_dir, mamba_dir): the teacher converted to pure students, perturbed so the loss is not ~0."""
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("students")
+    gen = torch.Generator().manual_seed(1)
+    for kind, layers in (("mla", [0, 1, 2, 3]), ("mamba", [])):
+        student = convert(teacher, hybrid_config(teacher.config, layers, kv_rank=4, qk_rope_dim=2))
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        student.save_pretrained(root / kind)
+    return str(root / "mla"), str(root / "mamba")
+
+
+def _teacher(teacher_dir):  # noqa: F811
+    return LocalTeacher(lambda: AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32))
+
+
+def test_teacher_mixer_outputs_are_the_attention_outputs(teacher_dir):  # noqa: F811
+    """Each captured attention output a_i closes layer i: h_i + a_i + mlp(norm(h_i + a_i)) = h_{i+1} (float64)."""
+    teacher = _teacher(teacher_dir)
+    ids = torch.randint(0, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    hidden, attn = teacher.hidden_states(ids, mixers=True)
+    assert len(hidden) == len(attn) + 1 == teacher.model.config.num_hidden_layers + 1
+    assert all(torch.equal(a, b) for a, b in zip(hidden, teacher.hidden_states(ids)))
+    layers = copy.deepcopy(teacher.model.model.layers).double()
+    for i, layer in enumerate(layers):
+        mid = hidden[i].double() + attn[i].double()
+        closed = mid + layer.mlp(layer.post_attention_layernorm(mid))
+        torch.testing.assert_close(closed, hidden[i + 1].double(), rtol=1e-4, atol=1e-5)
+        assert attn[i].abs().mean() > 1e-3  # a real output, not zeros
+
+
+def test_ild_objective_matches_float64_official_loss(teacher_dir, students):  # noqa: F811
+    """StudentPair's per-student loss = sum over layers of mean_t ||out_s - out_t||_2 + mean_t ||mix_s - mix_t||_2."""
+    teacher = _teacher(teacher_dir)
+    ids = torch.randint(0, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    hidden, attn = teacher.hidden_states(ids, mixers=True)
+    pair = StudentPair(*students)
+    got = pair.layer_losses(hidden, attn)
+    ref_pair = copy.deepcopy(pair).double()
+    pos = torch.arange(SEQ).expand(BATCH, SEQ)
+    with torch.no_grad():
+        for kind in ("mla", "mamba"):
+            expected = torch.zeros((), dtype=torch.float64)
+            for i, layer in enumerate(getattr(ref_pair, kind).model.layers):
+                x = hidden[i].double()
+                mixed = layer.mixer(layer.input_layernorm(x), pos)
+                out = x + mixed + layer.mlp(layer.post_attention_layernorm(x + mixed))
+                expected += ((out - hidden[i + 1].double()) ** 2).sum(-1).sqrt().mean()
+                expected += ((mixed - attn[i].double()) ** 2).sum(-1).sqrt().mean()
+            assert expected > 1e-2
+            torch.testing.assert_close(got[kind].double(), expected, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(pair((hidden, attn)), sum(got.values()))
+
+
+@pytest.mark.parametrize("train_mlp_norms", [False, True])
+def test_trainable_parts_and_one_group_per_student(students, train_mlp_norms):
+    pair = StudentPair(*students, train_mlp_norms=train_mlp_norms)
+    trainable = {n for n, p in pair.named_parameters() if p.requires_grad}
+    assert trainable and all(".layers." in n for n in trainable)
+    assert any(".mixer." in n for n in trainable)
+    assert any(".mlp." in n for n in trainable) == train_mlp_norms
+    assert any("layernorm" in n for n in trainable) == train_mlp_norms
+    groups = pair.param_groups()
+    assert [sum(p.numel() for p in g["params"]) for g in groups] == [
+        sum(p.numel() for p in getattr(pair, k).parameters() if p.requires_grad) for k in ("mla", "mamba")]
+
+
+def test_map_tensors_reaches_nested_outputs():
+    """The actor ships (hidden, mixers) as a tuple of lists: every tensor in it goes through fn."""
+    a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 2.0)
+    hidden, attn = _map_tensors(lambda t: t + 1, ([a, b], [c]))
+    assert [t.tolist() for t in hidden] == [[2.0, 2.0], [1.0, 1.0, 1.0]] and attn[0].tolist() == [3.0]
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A one-rank gloo process group, and DeepSpeed's group caches cleared of earlier tests' groups."""
+    import deepspeed.utils.groups as ds_groups
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        monkeypatch.setattr(ds_groups, name, None)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_ild_trains_through_the_recipe(teacher_dir, students, one_rank_group):  # noqa: F811
+    """ILD_OBJECTIVE in train_worker (one rank, teacher in-process): both students' losses fall,
+    each student is clipped as its own group, and only trainable parts move."""
+    steps = 6
+    cfg = TrainConfig(workers=1, zero_stage=2, lr=3e-3, warmup_frac=0.0, total_steps=steps, micro_batch=2,
+                      seq_len=SEQ, teacher_mode="inprocess", checkpoint_every=steps, log_every=1, grad_clip=0.5)
+    ids = torch.randint(0, 1000, (8, SEQ), generator=torch.Generator().manual_seed(4)).numpy()
+    reports = []
+    session = Session(rank=0, world=1, device=torch.device("cpu"), get_checkpoint=lambda: None,
+                      report=lambda metrics, folder: reports.append(
+                          (metrics, torch.load(Path(folder) / STUDENT_STATE_FILE) if folder else None)))
+    teacher_factory = functools.partial(AutoModelForCausalLM.from_pretrained, teacher_dir, dtype=torch.float32)
+    factory = functools.partial(StudentPair, *students)
+    train_worker(dict(cfg=cfg, student_factory=factory, teacher_factory=teacher_factory, objective=ILD_OBJECTIVE,
+                      data_factory=functools.partial(batches, ids, 0, 2)), session)
+    assert [m["step"] for m, _ in reports] == list(range(1, steps + 1))
+    teacher = _teacher(teacher_dir)
+    held = torch.from_numpy(ids[:2])
+    before = held_out_ild(factory(), teacher, held)
+    pair = factory()
+    pair.load_state_dict(reports[-1][1])
+    after = held_out_ild(pair, teacher, held)
+    assert all(after[k] < before[k] for k in ("mla", "mamba")), (before, after)
+    start = factory().state_dict()
+    moved = {n for n, v in pair.state_dict().items() if not torch.equal(v, start[n])}
+    assert moved and all(".mixer." in n for n in moved)

@@ -1,0 +1,113 @@
+"""The recipe's optimizer and schedule (jobs.train): per-group gradient clipping (ILD: per student)
+and warmup + cosine to min_lr_ratio, by hand on tiny models and through a one-rank DeepSpeed engine."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs.train import GroupClippedAdamW, TrainConfig, _engine, lr_ratio
+
+
+class TwoStudents(nn.Module):
+    """Two independent linear 'students' whose summed loss trains both; one parameter group each."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def param_groups(self):
+        return [{"params": list(self.a.parameters())}, {"params": list(self.b.parameters())}]
+
+    def forward(self, x):
+        return 50.0 * self.a(x).square().mean() + 0.01 * self.b(x).square().mean()
+
+
+def _group_norms64(model: TwoStudents, x: torch.Tensor) -> list[float]:
+    """Float64 gradient norm of each student, by hand."""
+    ref = TwoStudents().double()
+    ref.load_state_dict(model.state_dict())
+    ref(x.double()).backward()
+    return [math.sqrt(sum(float((p.grad ** 2).sum()) for p in m.parameters())) for m in (ref.a, ref.b)]
+
+
+def test_each_group_is_clipped_on_its_own():
+    model, x = TwoStudents(), torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    norms = _group_norms64(model, x)
+    max_norm = 1.0
+    assert norms[0] > 10 * max_norm and norms[1] < max_norm  # one student over the limit, one under
+    opt = GroupClippedAdamW(model.param_groups(), max_norm=max_norm, lr=0.0)
+    model(x).backward()
+    raw_b = [p.grad.clone() for p in model.b.parameters()]
+    opt.step()
+    assert [g["grad_norm"] for g in opt.param_groups] == pytest.approx(norms, rel=1e-5)
+    clipped = [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in m.parameters())) for m in (model.a, model.b)]
+    assert clipped[0] == pytest.approx(max_norm, rel=1e-5)  # the big one cut to max_norm
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.b.parameters(), raw_b))  # the small one untouched
+    # one shared clip would have scaled the small student by max_norm / global norm as well
+    assert max_norm / math.hypot(*norms) < 0.1
+
+
+@pytest.mark.parametrize("warmup,total,min_ratio", [(0, 10, 0.0), (1, 10, 0.0), (4, 20, 0.1)])
+def test_lr_ratio_warmup_then_cosine(warmup, total, min_ratio):
+    ratios = [lr_ratio(s, warmup, total, min_ratio) for s in range(total + 1)]
+    assert ratios[0] > 0  # never a step at lr 0, even with a one-step warmup
+    assert ratios[0] == pytest.approx(1.0 / warmup if warmup else 1.0)
+    assert ratios[warmup] == pytest.approx(1.0)
+    mid = warmup + (total - warmup) // 2
+    expected_mid = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * (mid - warmup) / (total - warmup)))
+    assert ratios[mid] == pytest.approx(expected_mid)
+    assert ratios[total] == pytest.approx(min_ratio)  # cosine ends at min_ratio (0: to zero)
+    assert ratios[-2] > ratios[-1] and all(a <= b for a, b in zip(ratios[:warmup], ratios[1:warmup + 1]))
+
+
+@pytest.fixture
+def one_rank_group():
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_engine_clips_per_student_and_follows_the_schedule(one_rank_group, monkeypatch, zero_stage):
+    """Through DeepSpeed ZeRO-2 and 3 (one CPU rank): the optimizer sees each student's norm apart, and
+    the learning rate per step is lr * lr_ratio."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    import deepspeed.utils.groups as ds_groups  # DeepSpeed caches groups of a process group an earlier test destroyed
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        monkeypatch.setattr(ds_groups, name, None)
+    cfg = TrainConfig(workers=1, zero_stage=zero_stage, lr=1e-2, warmup_frac=0.25, total_steps=4, micro_batch=8,
+                      grad_clip=1.0, min_lr_ratio=0.0)
+    model, x = TwoStudents(), torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    norms = _group_norms64(model, x)
+    engine = _engine(cfg, model, world=1)
+    lrs = []
+    for step in range(cfg.total_steps):
+        lrs.append(engine.get_lr()[0])
+        engine.backward(engine(x))
+        engine.step()
+        if step == 0:  # ZeRO steps one group at a time: each group's own norm, not the global one
+            assert [g["grad_norm"] for g in engine.basic_optimizer.param_groups] == pytest.approx(norms, rel=1e-4)
+    assert lrs == pytest.approx([cfg.lr * lr_ratio(s, 1, 4, 0.0) for s in range(4)])
+    assert lrs[0] == pytest.approx(cfg.lr)
+
+
+def test_spec_fields_reach_the_recipe_and_are_checked():
+    from jobs.context import train_config
+    from jobs.spec import SpecError, load_spec
+
+    spec = load_spec({"ild": {"grad_clip": 0.5, "min_lr_ratio": 0.1, "train_mlp_norms": True}})
+    cfg = train_config(spec, spec.ild)
+    assert (cfg.grad_clip, cfg.min_lr_ratio, spec.ild.train_mlp_norms) == (0.5, 0.1, True)
+    assert train_config(spec, spec.kd).min_lr_ratio == 0.0  # the official cosine to zero by default
+    for section, value, field in (("kd", {"min_lr_ratio": 1.5}, "min_lr_ratio"), ("ild", {"grad_clip": 0}, "grad_clip"),
+                                  ("kd", {"train_mlp_norms": True}, "train_mlp_norms")):
+        with pytest.raises(SpecError, match=field):
+            load_spec({section: value})
+    with pytest.raises(ValueError, match="TrainConfig.grad_clip"):
+        TrainConfig(grad_clip=0.0)
