@@ -91,3 +91,16 @@ def ray_session():
     yield
     ray.shutdown()
     os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+
+
+@pytest.fixture
+def one_rank_group():
+    """The process group of one rank that Ray Train would have set up (gloo)."""
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if created and dist.is_initialized():
+        dist.destroy_process_group()

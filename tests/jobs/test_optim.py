@@ -63,14 +63,6 @@ def test_lr_ratio_warmup_then_cosine(warmup, total, min_ratio):
     assert ratios[-2] > ratios[-1] and all(a <= b for a, b in zip(ratios[:warmup], ratios[1:warmup + 1]))
 
 
-@pytest.fixture
-def one_rank_group():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

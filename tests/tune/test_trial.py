@@ -44,15 +44,6 @@ class Recorder:
             self.state = torch.load(Path(checkpoint.path) / STUDENT_STATE_FILE, weights_only=True)
 
 
-@pytest.fixture
-def one_rank_group():
-    """The process group of one rank that Ray Train would have set up (gloo)."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def shared_students(root: Path, teacher_dir: Path) -> None:  # noqa: F811
