@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from jobs.train import GroupClippedAdamW, TrainConfig, _engine, lr_ratio

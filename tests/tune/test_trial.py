@@ -14,7 +14,6 @@ import pytest
 import ray.train
 import ray.tune
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import jobs.train
