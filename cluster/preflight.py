@@ -144,8 +144,10 @@ def job_needs(spec, include_tune: bool = False) -> list[Need]:
         g = spec.smart.gpus_per_task
         needs.append(Need("smart", "SMART scoring tasks", spec.smart.parallel, {"CPU": 1.0, "GPU": g}, False,
                           f"lower smart.gpus_per_task ({g:g})" if g else "give the cluster a CPU"))
-    if spec.eval.enabled:  # serve.app.run_server's defaults: one replica of 1 CPU
-        needs.append(Need("eval", "Serve replica", 1, {"CPU": 1.0}, False, "set eval.enabled: false"))
+    if spec.eval.enabled:  # one Serve replica of 1 CPU; eval.gpus None takes a GPU only where there is one
+        g = spec.eval.gpus or 0.0
+        needs.append(Need("eval", "Serve replica", 1, {"CPU": 1.0, "GPU": g}, False,
+                          f"lower eval.gpus ({g:g})" if g else "set eval.enabled: false"))
     if include_tune and spec.tune is not None:
         t = spec.tune
         each = {"CPU": t.cpus_per_trial, "GPU": t.gpus_per_trial, "memory": (t.memory_budget_gb or 0) * 2**30}

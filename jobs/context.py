@@ -74,6 +74,18 @@ class Context:
 DATA_SLICES = ("held_out", "ild", "kd")  # the corpus's disjoint token ranges, in this order
 
 
+def held_out_device() -> torch.device:
+    """Where the driver computes its held-out figures (and init its conversion): its GPU where it has
+    one (the embedded Ray on a GPU host: seconds), else the CPU (minutes at real sizes)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def release_cuda_cache() -> None:
+    """Give the driver's cached CUDA blocks back before the training workers start on the same GPU."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def token_budgets(spec: JobSpec) -> dict[str, int]:
     """Tokens each slice of the corpus needs: held_out, data.held_out_sequences rows of the longest
     seq_len any stage packs at; ild, the ild stage's tokens (at least init's calibration); kd, the

@@ -263,6 +263,7 @@ class EvalSpec(Section):
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS), min_length=1)
     limit: PosInt | None = None  # examples per task; None: all
     compare_teacher: bool = True
+    gpus: Annotated[float, Field(ge=0)] | None = None  # the Serve replica's GPUs; None: 1 where the cluster has one
 
 
 class TuneSpec(Section):

@@ -77,8 +77,10 @@ def _data_file(name: str) -> Path:
 
 
 def evaluate_endpoint(base_url: str, model_name: str, tokenizer_dir: Path, tasks: list[str], limit: int | None,
-                      max_length: int, batch_size: int = 8) -> dict:
-    """lm-eval `local-completions` against a running endpoint: its results, n-samples and versions."""
+                      max_length: int, batch_size: int = 8, num_concurrent: int = 4) -> dict:
+    """lm-eval `local-completions` against a running endpoint: its results, n-samples and versions.
+    num_concurrent requests of batch_size prompts each are in flight at once, so the engine's
+    continuous batching has work to batch (one at a time, a GPU replica idles between requests)."""
     specs = [local_task(t) or t for t in tasks]
     manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))  # indexing the registry costs ~15 s
     model_args = {
@@ -89,16 +91,18 @@ def evaluate_endpoint(base_url: str, model_name: str, tokenizer_dir: Path, tasks
         "tokenized_requests": True,
         "max_length": max_length,
         "batch_size": batch_size,
+        "num_concurrent": num_concurrent,
     }
     out = lm_eval.simple_evaluate(model="local-completions", model_args=model_args, tasks=specs, limit=limit,
                                   task_manager=manager, log_samples=False)
     return {key: out[key] for key in ("results", "n-samples", "versions")}
 
 
-def _serve_and_evaluate(model_dir: str | Path, tasks: list[str], limit: int | None, port: int) -> dict:
+def _serve_and_evaluate(model_dir: str | Path, tasks: list[str], limit: int | None, port: int,
+                        num_gpus: float = 0.0) -> dict:
     local = resolve_model_dir(model_dir)
     max_length = json.loads((local / "config.json").read_text())["max_position_embeddings"]
-    url = run_server(local, port=port, api_key_env=None, app_name=APP_NAME, route_prefix=ROUTE)
+    url = run_server(local, port=port, num_gpus=num_gpus, api_key_env=None, app_name=APP_NAME, route_prefix=ROUTE)
     try:
         return evaluate_endpoint(url, model_name_of(local), local, tasks, limit, max_length)
     finally:
@@ -165,12 +169,13 @@ def _with_stderr(value: float, stderr) -> str:
 
 
 def run_eval(model_dir: str | Path, tasks: list[str], out_dir: str | Path, teacher_dir: str | Path | None = None,
-             limit: int | None = None, port: int = 8000) -> dict:
+             limit: int | None = None, port: int = 8000, num_gpus: float = 0.0) -> dict:
     """Serve and evaluate the student (and the teacher), write out_dir/eval.json and eval.md, return
     the report. Connects to the running Ray cluster or starts a local one; each model is served as
-    the application 'zebra-eval' under /eval on 127.0.0.1:port, one after the other."""
+    the application 'zebra-eval' under /eval on 127.0.0.1:port, one after the other, each replica with
+    num_gpus GPUs (0: on the CPU)."""
     models = {"student": model_dir, **({"teacher": teacher_dir} if teacher_dir is not None else {})}
-    results = {role: _serve_and_evaluate(path, tasks, limit, port) for role, path in models.items()}
+    results = {role: _serve_and_evaluate(path, tasks, limit, port, num_gpus) for role, path in models.items()}
     rows = retention_rows(results)
     report = {"models": {role: str(path) for role, path in models.items()}, "tasks": tasks, "limit": limit,
               "rows": rows, **results}

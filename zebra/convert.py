@@ -92,12 +92,14 @@ def teacher_activations(teacher, input_ids: torch.Tensor):
 
 @torch.no_grad()
 def convert(teacher, config: ZebraConfig, calib_ids: torch.Tensor | None = None) -> ZebraForCausalLM:
-    """Build the hybrid: teacher embeddings/norms/MLPs/head copied, each mixer initialised from its attention.
+    """Build the hybrid: teacher embeddings/norms/MLPs/head copied, each mixer initialised from its attention,
+    on the teacher's device and in its dtype.
 
     calib_ids [batch, seq]: optional calibration tokens for activation-aware MLA initialisation.
     """
-    dtype = next(teacher.parameters()).dtype
-    student = ZebraForCausalLM(config).to(dtype)
+    ref = next(teacher.parameters())
+    dtype = ref.dtype
+    student = ZebraForCausalLM(config).to(device=ref.device, dtype=dtype)
     attn_in = teacher_activations(teacher, calib_ids)[2] if calib_ids is not None else {}
     student.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
     student.model.norm.load_state_dict(teacher.model.norm.state_dict())

@@ -2,7 +2,7 @@
 
     texts = load_texts("builtin")                       # or a file/folder (.jsonl.xz too), s3://..., a hub id
     texts = texts_for_tokens(iter_texts("$ZEBRA_DATA/corpus/prose-v1.jsonl.xz"), tokenizer, 7_000_000)
-    seqs = packed_sequences(texts, tokenizer, 512)      # [n, 512], tokenised once, cached as .npy
+    seqs = packed_sequences(texts, tokenizer, 512)      # [n, 512]: the token stream, tokenised once, cached as .npy
     ranges = token_slices({"held_out": 8192, "ild": 2_000_000, "kd": 5_000_000}, seqs.size)
     ild_rows = seqs[rows_of(ranges["ild"], 512)]        # disjoint from kd's and the held-out rows
     data = PackedDataset(seqs, seed=0, rank=r, world_size=w)
@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .teacher import cache_root
 
@@ -41,7 +42,7 @@ MIN_DOC_CHARS = 200  # shorter docstrings are mostly "Return self." and signatur
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 DATA_ENV = "ZEBRA_DATA"  # the shared data folder; see data_root
 DATA_VAR = "$" + DATA_ENV  # a source "$ZEBRA_DATA/corpus/x.jsonl" names a file in it
-CACHE_VERSION = b"zebra-packed-v1"  # bump when tokenize/pack change what a cache file holds
+CACHE_VERSION = b"zebra-stream-v2"  # bump when tokenize changes what a cache file holds
 
 
 def load_texts(
@@ -358,26 +359,41 @@ def rows_of(token_range: tuple[int, int], seq_len: int) -> slice:
 
 
 def packed_sequences(texts: Sequence[str], tokenizer, seq_len: int, cache_dir: str | Path | None = None) -> np.ndarray:
-    """[n, seq_len] token ids of the packed corpus (read-only memmap), cached by content.
+    """[n, seq_len] token ids of the packed corpus (a read-only memmap view): the cached token stream
+    (token_stream) cut into rows, the final partial row dropped, as pack(tokenize(texts)) cuts it.
+    Every seq_len reads the same stream: the corpus is tokenised once per run."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    stream = token_stream(texts, tokenizer, cache_dir)
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise ValueError(f"corpus of {len(texts)} documents has fewer tokens than one sequence (seq_len={seq_len})")
+    return stream[: rows * seq_len].reshape(rows, seq_len)
 
-    The cache file is keyed by the texts, the tokenizer (its full serialised form) and seq_len, so
-    a changed corpus or tokenizer never reuses a stale file. cache_dir: default $ZEBRA_CACHE/tokens.
+
+def token_stream(texts: Sequence[str], tokenizer, cache_dir: str | Path | None = None) -> np.ndarray:
+    """[tokens] every document's ids followed by EOS, concatenated (read-only memmap), cached by content.
+
+    The cache file is keyed by the texts and the tokenizer (its full serialised form), so a changed
+    corpus or tokenizer never reuses a stale file. cache_dir: default $ZEBRA_CACHE/tokens.
     """
-    path = Path(cache_dir or cache_root() / "tokens") / f"{_fingerprint(texts, tokenizer, seq_len)}.npy"
+    path = Path(cache_dir or cache_root() / "tokens") / f"{_fingerprint(texts, tokenizer)}.npy"
     if not path.exists():
-        log.info("tokenising %d documents into [*, %d] sequences -> %s", len(texts), seq_len, path)
-        _save_atomic(path, _pack_array(texts, tokenizer, seq_len))
+        log.info("tokenising %d documents -> %s", len(texts), path)
+        _save_atomic(path, _stream_array(texts, tokenizer))
     return np.load(path, mmap_mode="r")
 
 
-def _pack_array(texts: Sequence[str], tokenizer, seq_len: int) -> np.ndarray:
+def _stream_array(texts: Sequence[str], tokenizer, block_tokens: int = 1 << 22) -> np.ndarray:
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32  # halves the cache for small vocabularies
-    seqs = pack(tokenize(texts, tokenizer), seq_len)
-    blocks = []  # numpy blocks: a list of Python ints costs ~10x the memory
-    while block := list(itertools.islice(seqs, 4096)):
-        blocks.append(np.array(block, dtype=dtype))
-    if not blocks:
-        raise ValueError(f"corpus of {len(texts)} documents has fewer tokens than one sequence (seq_len={seq_len})")
+    blocks, block = [], []  # numpy blocks: a list of Python ints costs ~10x the memory
+    for ids in tqdm(tokenize(texts, tokenizer), total=len(texts), desc="tokenise", unit="doc", leave=False,
+                    mininterval=5):
+        block.extend(ids)
+        if len(block) >= block_tokens:
+            blocks.append(np.array(block, dtype=dtype))
+            block = []
+    blocks.append(np.array(block, dtype=dtype))
     return np.concatenate(blocks)
 
 
@@ -390,8 +406,8 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(texts: Sequence[str], tokenizer, seq_len: int) -> str:
-    h = hashlib.sha256(CACHE_VERSION + f":{seq_len}:{tokenizer.eos_token_id}:".encode())
+def _fingerprint(texts: Sequence[str], tokenizer) -> str:
+    h = hashlib.sha256(CACHE_VERSION + f":{tokenizer.eos_token_id}:".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
     for text in texts:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from cluster.teacher import LocalTeacher
-from jobs.context import Context, curve, data_factory, sequences, train_config
+from jobs.context import Context, curve, data_factory, held_out_device, release_cuda_cache, sequences, train_config
 from jobs.outputs import IldOutput
 from jobs.spec import JobSpec
 from jobs.train import Objective, distill
@@ -85,10 +85,15 @@ ILD_OBJECTIVE = Objective(_targets, _loss)
 
 
 @torch.no_grad()
-def held_out_ild(pair: StudentPair, teacher: LocalTeacher, ids: Tensor) -> dict[str, float]:
-    """Per student, the ILD loss (summed over layers) on held-out sequences ids [n, seq_len]."""
-    losses = pair.layer_losses(*teacher.hidden_states(ids, mixers=True))
-    return {kind: float(v) for kind, v in losses.items()}
+def held_out_ild(pair: StudentPair, teacher: LocalTeacher, ids: Tensor, batch: int = 4) -> dict[str, float]:
+    """Per student, the ILD loss (summed over layers; each a token mean) on held-out sequences
+    ids [n, seq_len], `batch` sequences at a time on the teacher's device."""
+    totals: dict[str, float] = {}
+    for s in range(0, len(ids), batch):
+        chunk = ids[s:s + batch]
+        for kind, loss in pair.layer_losses(*teacher.hidden_states(chunk, mixers=True)).items():
+            totals[kind] = totals.get(kind, 0.0) + float(loss) * len(chunk)
+    return {kind: total / len(ids) for kind, total in totals.items()}
 
 
 def run(spec: JobSpec, ctx: Context) -> IldOutput:
@@ -97,14 +102,15 @@ def run(spec: JobSpec, ctx: Context) -> IldOutput:
     teacher_factory = functools.partial(load_teacher_model, ctx.teacher_dir, spec.teacher.dtype)
     _, held = sequences(spec, ctx, spec.ild.seq_len)
     held = torch.from_numpy(held)
-    teacher = LocalTeacher(teacher_factory)
-    before = held_out_ild(factory(), teacher, held)
+    teacher = LocalTeacher(teacher_factory, held_out_device())
+    before = held_out_ild(factory().to(teacher.device).eval(), teacher, held)
+    release_cuda_cache()
     result = distill(train_config(spec, spec.ild), factory, teacher_factory, ILD_OBJECTIVE,
                      data_factory(spec, ctx, "ild", spec.ild), ctx.ray_storage(),
                      f"ild-{spec.section_hash('ild')}")
     pair = factory()
     pair.load_state_dict(result.student_state_dict())
-    after = held_out_ild(pair.eval(), teacher, held)
+    after = held_out_ild(pair.to(teacher.device).eval(), teacher, held)
     for kind in ("mla", "mamba"):
         ctx.save_model(getattr(pair, kind), f"ild/{kind}")
         log.info("ild: %s student held-out ILD loss %.5f -> %.5f", kind, before[kind], after[kind])

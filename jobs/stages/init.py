@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from jobs.context import Context, sequences
+from jobs.context import Context, held_out_device, sequences
 from jobs.outputs import InitOutput
 from jobs.spec import JobSpec
 from zebra.convert import convert, hybrid_config, layer_init_errors
@@ -30,9 +30,12 @@ def student_config(spec: JobSpec, teacher_config, kind: str):
 
 
 def run(spec: JobSpec, ctx: Context) -> InitOutput:
-    teacher = load_teacher_model(ctx.teacher_dir, spec.teacher.dtype)
+    # On the driver's GPU where it has one: the calibration forward and the float64 SVDs of SmolLM2 take
+    # seconds there, ten minutes on the CPU in bfloat16.
+    device = held_out_device()
+    teacher = load_teacher_model(ctx.teacher_dir, spec.teacher.dtype).to(device)
     train, _ = sequences(spec, ctx, spec.init.seq_len)
-    calib = torch.from_numpy(train[: spec.init.calibration_sequences])
+    calib = torch.from_numpy(train[: spec.init.calibration_sequences]).to(device)
     out = InitOutput(tokens=int(calib.numel()), init_errors={}, kv_bytes_per_token={})
     for kind in KINDS:
         student = convert(teacher, student_config(spec, teacher.config, kind), calib)

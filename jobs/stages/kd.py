@@ -10,11 +10,11 @@ import logging
 
 import torch
 
-from jobs.context import Context, curve, data_factory, kd_recipe, sequences
+from jobs.context import Context, curve, data_factory, held_out_device, kd_recipe, release_cuda_cache, sequences
 from jobs.outputs import KdOutput, SmartOutput
 from jobs.spec import JobSpec
 from jobs.train import distill
-from zebra.hybrid import compose_hybrid, held_out_kl, teacher_logits
+from zebra.hybrid import compose_hybrid, teacher_student_kl
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,19 @@ def run(spec: JobSpec, ctx: Context) -> KdOutput:
     factory = functools.partial(compose_hybrid, ctx.model_dir("ild/mla"), ctx.model_dir("ild/mamba"), mla_layers)
     cfg, teacher_factory, objective = kd_recipe(spec, ctx.teacher_dir)
     _, held = sequences(spec, ctx, spec.kd.seq_len)
-    held = torch.from_numpy(held)
-    logits = teacher_logits(teacher_factory(), held)
-    before = held_out_kl(factory(), logits, held)
+    device = held_out_device()
+    held = torch.from_numpy(held).to(device)
+    teacher = teacher_factory().to(device).eval()
+    before = teacher_student_kl(teacher, factory().to(device).eval(), held)
+    release_cuda_cache()
     result = distill(cfg, factory, teacher_factory, objective, data_factory(spec, ctx, "kd", spec.kd),
                      ctx.ray_storage(), f"kd-{spec.section_hash('kd')}")
     hybrid = factory()
     hybrid.load_state_dict(result.student_state_dict())
-    after = held_out_kl(hybrid.eval(), logits, held)
+    after = teacher_student_kl(teacher, hybrid.to(device).eval(), held)
     ctx.save_model(hybrid, "kd/model")
+    del teacher
+    release_cuda_cache()
     log.info("kd: held-out KL %.4f -> %.4f", before, after)
     return KdOutput(tokens=spec.kd.total_steps * spec.kd.tokens_per_step, kl_before=before, kl_after=after,
                     mla_layers=mla_layers, history=curve(result.history))

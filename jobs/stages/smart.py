@@ -15,7 +15,7 @@ import ray
 import torch
 from transformers import AutoConfig
 
-from jobs.context import Context, sequences
+from jobs.context import Context, held_out_device, sequences
 from jobs.outputs import SmartOutput
 from jobs.spec import JobSpec
 from zebra.hybrid import kl_of_choices, teacher_logits
@@ -37,7 +37,7 @@ def score_layers(spec: JobSpec, ctx: Context, num_layers: int) -> tuple[float, l
     """(KL of the all-Mamba2 hybrid, [num_layers] sensitivity scores)."""
     _, held = sequences(spec, ctx, spec.smart.seq_len)
     ids = torch.from_numpy(held[: spec.smart.sequences])
-    logits = teacher_logits(load_teacher_model(ctx.teacher_dir, spec.teacher.dtype), ids)
+    logits = teacher_logits(load_teacher_model(ctx.teacher_dir, spec.teacher.dtype).to(held_out_device()), ids)
     choices = [[]] + [[i] for i in range(num_layers)]
     chunks = [list(c) for c in np.array_split(np.arange(len(choices)), spec.smart.parallel) if len(c)]
     # On a GPU, one task per worker process (max_calls=1): a reused process would keep its CUDA

@@ -137,3 +137,15 @@ def test_ild_trains_through_the_recipe(teacher_dir, students, one_rank_group):  
     start = factory().state_dict()
     moved = {n for n, v in pair.state_dict().items() if not torch.equal(v, start[n])}
     assert moved and all(".mixer." in n for n in moved)
+
+
+def test_held_out_ild_in_batches_equals_one_pass(teacher_dir, students):  # noqa: F811
+    """The stage's held-out ILD loss runs a few sequences at a time (on the driver's GPU at real sizes):
+    the same figure as all sequences at once, with a last batch shorter than the others."""
+    pair, teacher = StudentPair(*students).eval(), _teacher(teacher_dir)
+    ids = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(3))
+    whole = held_out_ild(pair, teacher, ids, batch=len(ids))
+    batched = held_out_ild(pair, teacher, ids, batch=2)
+    assert set(whole) == {"mla", "mamba"} and all(v > 0 for v in whole.values())
+    for kind in whole:
+        assert batched[kind] == pytest.approx(whole[kind], rel=1e-5)

@@ -4,7 +4,8 @@ leave the Mamba2 student as it was."""
 import torch
 
 from tests.conftest import tiny_llama
-from zebra.hybrid import compose_hybrid, held_out_kl, kl_of_choices, load_student, mla_layers_swapped_in, teacher_logits
+from zebra.hybrid import (compose_hybrid, held_out_kl, kl_of_choices, load_student, mla_layers_swapped_in, teacher_logits,
+                          teacher_student_kl)
 from zebra.convert import convert, hybrid_config
 
 CHOICES = [[], [0], [2], [1, 3]]
@@ -42,3 +43,21 @@ def test_swap_is_undone(tmp_path):
         assert hybrid.config.mixer_types == ["mamba", "mla", "mamba", "mla"]
         assert hybrid.model.layers[3] is mla.model.layers[3]
     assert list(mamba.model.layers) == layers and mamba.config.mixer_types == types
+
+
+def test_streamed_teacher_kl_equals_a_float64_kl_of_stored_logits(tmp_path):
+    """The kd stage's held-out KL computes the teacher's logits a batch at a time (nothing n x seq x vocab
+    kept): it must equal KL(teacher || student) of all logits at once, in float64, with a last batch
+    shorter than the others."""
+    teacher = tiny_llama(dtype=torch.float32, seed=0)
+    mla_dir, mamba_dir = saved_students(tmp_path, teacher)
+    student = compose_hybrid(mla_dir, mamba_dir, [1]).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        p = torch.log_softmax(teacher(ids).logits.double(), -1)
+        q = torch.log_softmax(student(ids).logits.double(), -1)
+    want = float((p.exp() * (p - q)).sum(-1).mean())
+    got = teacher_student_kl(teacher, student, ids, batch=2)
+    assert want > 1e-3
+    assert abs(got - want) / want < 1e-5
+    assert abs(held_out_kl(student, teacher_logits(teacher, ids), ids, batch=2) - want) / want < 1e-5

@@ -69,12 +69,15 @@ def test_packed_sequences_match_pack_and_are_cached(tok, tmp_path, monkeypatch):
     def no_retokenising(*args):
         raise RuntimeError("re-tokenised")
 
-    monkeypatch.setattr(data, "_pack_array", no_retokenising)
+    files = len(list((tmp_path / "tok").glob("*.npy")))  # texts' stream, and the short one's
+    monkeypatch.setattr(data, "_stream_array", no_retokenising)
     assert (packed_sequences(texts, tok, 32, tmp_path / "tok") == expected).all()
-    assert len(list((tmp_path / "tok").glob("*.npy"))) == 1
-    for other in ((texts[:-1], 32), (texts, 16)):  # another corpus or seq_len is another file
-        with pytest.raises(RuntimeError, match="re-tokenised"):
-            packed_sequences(other[0], tok, other[1], tmp_path / "tok")
+    for seq_len in (16, 7):  # another seq_len cuts the same cached stream, as pack would
+        again = packed_sequences(texts, tok, seq_len, tmp_path / "tok")
+        assert (again == np.array(list(pack(tokenize(texts, tok), seq_len)))).all()
+    assert len(list((tmp_path / "tok").glob("*.npy"))) == files == 2
+    with pytest.raises(RuntimeError, match="re-tokenised"):  # another corpus is another file
+        packed_sequences(texts[:-1], tok, 32, tmp_path / "tok")
 
 
 def _epoch_rows(ds: PackedDataset, epoch: int) -> list[int]:

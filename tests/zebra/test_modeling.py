@@ -1,5 +1,7 @@
 """The whole hybrid: exact conversion at full rank, cached decode == full forward, save/load,
 generate(), and kv_bytes_per_token against the cache generate() builds."""
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -122,3 +124,22 @@ def test_causal_lm_loss_equals_sliced_logits_formula(hybrid):
     ids = torch.randint(0, 256, (2, 11))
     out = hybrid(ids, labels=ids)
     torch.testing.assert_close(out.loss, old(out.logits, ids), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_convert_on_the_gpu_equals_convert_on_the_cpu(teacher64):
+    """The init stage converts on the driver's GPU: the same student (to float64 SVD round-off), living on
+    the teacher's device. All layers MLA: a Mamba2 layer's conv weights come from the device's own RNG."""
+    teacher = copy.deepcopy(teacher64).double()
+    cfg = hybrid_config(teacher.config, list(range(teacher.config.num_hidden_layers)), kv_rank=16, qk_rope_dim=8)
+    calib = torch.randint(0, 256, (2, 16))
+    cpu = convert(teacher, cfg, calib_ids=calib)
+    cpu_errors = layer_init_errors(teacher, cpu, calib)
+    teacher = teacher.cuda()
+    gpu = convert(teacher, cfg, calib_ids=calib.cuda())
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    ids = torch.randint(0, 256, (2, 12))
+    want, got = cpu(ids).logits, gpu(ids.cuda()).logits.cpu()
+    assert rel(got, want) < 1e-6
+    assert layer_init_errors(teacher, gpu, calib.cuda()) == pytest.approx(cpu_errors, rel=1e-5)

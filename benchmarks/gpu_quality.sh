@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The quality runs of notes/RESULTS.md on a 2 x H200 host: the whole pipeline twice side by side, one GPU
+# each, 3 MLA layers (4.2% KV) on GPU 0 and 2 MLA layers (2.8%) on GPU 1, detached from a copy of the
+# tree (the host replaces the uploaded tree on every call). After the stage bundle
+# (`source /tmp/zebra-stage/env.sh`):
+#   bash benchmarks/gpu_quality.sh start     # returns at once; logs in /tmp/quality/*.log
+#   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
+#   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
+# A run that died resumes where it stopped (stored stage outputs, checkpoints): `start` again.
+set -uo pipefail
+Q=/tmp/quality
+case "${1:-}" in
+start)
+    mkdir -p $Q && rm -rf $Q/tree && cp -r . $Q/tree && cd $Q/tree || exit 1
+    sed -e 's/num_mla_layers: 3 .*/num_mla_layers: 2            # 320 of 11,520: 2.8%/' \
+        -e 's/^name: .*/name: smollm2-prose-mla2/' -e 's#uri: runs/.*#uri: runs/smollm2-prose-mla2#' \
+        jobs/examples/smollm2-prose-1gpu.yaml > $Q/mla2.yaml
+    grep -q "num_mla_layers: 2" $Q/mla2.yaml || { echo "mla2 spec not written"; exit 1; }
+    for run in "0 jobs/examples/smollm2-prose-1gpu.yaml mla3" "1 $Q/mla2.yaml mla2"; do
+        set -- $run
+        CUDA_VISIBLE_DEVICES=$1 PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$2" >> $Q/$3.log 2>&1 < /dev/null &
+        echo "$3 on GPU $1: pid $!"
+    done ;;
+poll)
+    sleep "${2:-0}"
+    for r in mla3 mla2; do
+        echo "== $r"; grep -E "stage [a-z]+: |Error|error:|Traceback|tok/s|held-out|retention|FAILED" $Q/$r.log \
+            | grep -v "^\s*$" | tail -${LINES_PER_RUN:-12}
+    done
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
+collect)
+    OUT=${OUT:-runs/quality}; mkdir -p "$OUT"
+    cp $Q/*.log "$OUT/" 2>/dev/null
+    for d in $Q/tree/runs/*/; do n=$(basename "$d"); mkdir -p "$OUT/$n"
+        cp -r "$d"report "$OUT/$n/" 2>/dev/null; cp "$d"eval/*.md "$d"eval/*.json "$OUT/$n/" 2>/dev/null; done ;;
+*) echo "usage: $0 start|poll [seconds]|collect"; exit 2 ;;
+esac
