@@ -47,6 +47,7 @@ from tqdm import tqdm
 from cluster.placement import teacher_cpus_that_fit, worker_resources
 from cluster.preflight import check_shared_storage
 from cluster.teacher import TEACHER_MODES, start_teacher
+from jobs.relay import RelayReports
 from zebra.hybrid import held_out_ce, held_out_kl
 from zebra.losses import kd_loss
 
@@ -186,7 +187,7 @@ def distill(
     queue = Queue(actor_options={"num_cpus": 0})
     loop_config = dict(cfg=cfg, student_factory=student_factory, teacher_factory=teacher_factory,
                        objective=objective, data_factory=data_factory)
-    trainer = _trainer(cfg, loop_config, storage_path, run_name, _RelayReports(queue))
+    trainer = _trainer(cfg, loop_config, storage_path, run_name, RelayReports(queue))
     history: list[dict] = []
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(queue, cfg.total_steps, history, stop), daemon=True)
@@ -254,16 +255,6 @@ def distill_in_tune(
     config = dict(cfg=cfg, student_factory=student_factory, teacher_factory=teacher_factory, objective=objective,
                   data_factory=data_factory, held_out=held_out)
     train_worker(config, session)
-
-
-class _RelayReports(UserCallback):
-    """Runs in the Ray Train controller: forwards rank 0's metrics of each report to the driver."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        self.queue.put(metrics[0])
 
 
 def _follow(queue: Queue, total_steps: int, history: list[dict], stop: threading.Event) -> None:

@@ -72,12 +72,34 @@ def test_subcommand_help(command, capsys):
     assert info.value.code == 0 and capsys.readouterr().out.startswith(f"usage: zebra {command}")
 
 
-@pytest.mark.slow  # 6 processes that each import torch and transformers: ~20 s on 2 busy cores
+# Runs the installed script (its own code, as its shebang would) once per subcommand in one process, so
+# torch and transformers are imported once, not once per subcommand; after each help it reports on
+# stderr whether Ray has been imported so far (a later help cannot hide an earlier one's import).
+HELP_EACH = """
+import runpy, sys
+script, commands = sys.argv[1], sys.argv[2:]
+for command in commands:
+    sys.argv = [script, command, "--help"]
+    print(f"=== zebra {command} --help", flush=True)
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = None
+    except SystemExit as e:
+        code = e.code
+    print(f"=== zebra {command} --help: exit {code}, ray imported: {'ray' in sys.modules}", file=sys.stderr,
+          flush=True)
+"""
+
+
 def test_installed_subcommand_help():
-    results = run_all([[ZEBRA, command, "--help"] for command in SUBCOMMANDS])
-    for command, result in zip(SUBCOMMANDS, results):
-        assert check(result).stdout.startswith(f"usage: zebra {command}")
-        assert "ray" not in imported(result.stderr)  # heavy modules load when a command runs, not for its help
+    result = check(run_all([[sys.executable, "-c", HELP_EACH, ZEBRA, *SUBCOMMANDS]])[0])
+    helps = re.split(r"^=== zebra (\w+) --help\n", result.stdout, flags=re.M)[1:]
+    assert helps[::2] == list(SUBCOMMANDS), result.stdout[:3000]
+    reports = re.findall(r"^=== zebra (\w+) --help: exit (\S+), ray imported: (\w+)$", result.stderr, re.M)
+    assert reports == [(command, "0", "False") for command in SUBCOMMANDS], reports
+    for command, text in zip(helps[::2], helps[1::2]):
+        assert text.startswith(f"usage: zebra {command}"), text[:500]
+    assert "ray" not in imported(result.stderr)  # heavy modules load when a command runs, not for its help
 
 
 def test_entry_points_are_the_installed_ones():

@@ -121,9 +121,9 @@ def check_convert_shape(teacher_config, mla_layers: list[int] | None, kv_rank: i
 
 def calibration_ids(tokenizer, n_tokens: int, seq_len: int = CALIB_SEQ_LEN):
     """[max(1, n_tokens // seq_len), seq_len] tokens of the offline corpus (English text shipped with Python)."""
-    from .data import builtin_texts, pack, tokenize
+    from .data import iter_builtin_texts, pack, tokenize
 
-    rows = itertools.islice(pack(tokenize(builtin_texts(), tokenizer), seq_len), max(1, n_tokens // seq_len))
+    rows = itertools.islice(pack(tokenize(iter_builtin_texts(), tokenizer), seq_len), max(1, n_tokens // seq_len))
     return torch.tensor(list(rows), dtype=torch.long)
 
 

@@ -238,36 +238,43 @@ def data_root() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def builtin_texts() -> list[str]:
-    """An offline English corpus (~2 M characters) from the running Python installation, no download.
+    """An offline English corpus (~2 M characters) from the running Python installation, no download:
+    iter_builtin_texts as a list, once per process (parsing the standard library takes a few seconds)."""
+    return list(iter_builtin_texts())
+
+
+def iter_builtin_texts() -> Iterator[str]:
+    """builtin_texts lazily: a reader that needs only the first tokens (zebra convert's calibration)
+    stops before the standard library is parsed.
 
     In order: the Language Reference and library topics that `help()` shows (pydoc_data.topics,
     sorted by topic); the module, class and function docstrings of the standard library's .py
     files (sorted by path, parsed with ast so nothing is imported; tests and site-packages left
-    out; at least MIN_DOC_CHARS characters; first occurrence of duplicates kept); Python's
-    LICENSE.txt. Deterministic for a given Python version. Parsing takes a few seconds, once per process.
+    out; at least MIN_DOC_CHARS characters); Python's LICENSE.txt. First occurrence of duplicates
+    kept. Deterministic for a given Python version.
     """
     from pydoc_data.topics import topics
 
     lib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [topics[k] for k in sorted(topics)]
-    texts += _stdlib_docstrings(lib)
-    if (lib / "LICENSE.txt").is_file():
-        texts.append((lib / "LICENSE.txt").read_text(encoding="utf-8"))
-    return list(dict.fromkeys(texts))
+    license_file = lib / "LICENSE.txt"
+    licence = [license_file.read_text(encoding="utf-8")] if license_file.is_file() else []
+    seen: set[str] = set()
+    for text in itertools.chain((topics[k] for k in sorted(topics)), _stdlib_docstrings(lib), licence):
+        if text not in seen:
+            seen.add(text)
+            yield text
 
 
-def _stdlib_docstrings(lib: Path) -> list[str]:
+def _stdlib_docstrings(lib: Path) -> Iterator[str]:
     """Docstrings of at least MIN_DOC_CHARS of the .py files under lib, by sorted path then source order."""
     files = sorted(p for p in lib.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(lib).parts))
-    docs = []
     for path in files:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):  # a few stdlib files are templates or Latin-1
             log.debug("builtin corpus: skipping %s (not parseable)", path)
             continue
-        docs += [d for d in _docstrings(tree) if len(d) >= MIN_DOC_CHARS]
-    return docs
+        yield from (d for d in _docstrings(tree) if len(d) >= MIN_DOC_CHARS)
 
 
 def _docstrings(tree: ast.Module) -> Iterator[str]:

@@ -1,7 +1,7 @@
 """The dpo stage alone on one GPU; the preflight's refusals; the pieces the training and the held-out
 metrics rest on (pair loading, TRL's tokenization, summed completion log-probs), and the DPO
 objective of the recipe against TRL's DPOTrainer loss on the same pairs. On CPU the stage runs in
-the pipeline: tests/jobs/test_pipeline.py's ZeRO-3 case runs DPO after KD (chat pairs, two workers, ZeRO-3)."""
+the pipeline: tests/jobs/test_pipeline.py runs DPO after KD (chat pairs, two workers, ZeRO-3)."""
 from pathlib import Path
 
 import datasets

@@ -1,55 +1,30 @@
 """A run with s3:// storage against a real S3 server on loopback (moto in server mode): the stage
 markers and models land in the bucket, and a later run without the local scratch (another machine)
 resumes from the bucket alone: the finished stages are skipped, KD fetches the ILD students from S3
-and writes its model, the export and the report back; a third run does no work."""
+and writes its model, the export and the report back; a third run does no work.
+
+Runs 1 and 2 are tests/jobs/conftest.py's s3_run_resumed_by_a_job, which test_submit.py shares: run 1
+(init, ild, smart) in this process, run 2 (kd and export on) as a `ray job submit` job on a cluster of
+its own whose processes have another $ZEBRA_CACHE, so no scratch and no download of run 1's."""
 import json
-import shutil
 import time
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from transformers import AutoModelForCausalLM
 
 import zebra  # noqa: F401  (registers the zebra model type with AutoModelForCausalLM)
-from cluster.storage import S3Storage
 from jobs.run import run
 from jobs.spec import load_spec
-from tests.jobs.conftest import spec_dict
-
-BUCKET, PREFIX = "zebra-runs", "team/tiny"
-FIRST = ("init", "ild", "smart")  # run 1's stages; runs 2 and 3 must leave their objects alone
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster(ray_session):
-    yield
+from tests.jobs.conftest import BUCKET, FIRST, PREFIX, bucket_objects, use_aws_env
 
 
 @pytest.fixture
-def s3(monkeypatch, tmp_path):
-    """(endpoint URL, boto3 client) of a moto S3 server on 127.0.0.1 holding an empty bucket."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # the spec's s3_endpoint_url must be what counts
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=BUCKET)
-    yield endpoint, client
-    server.stop()
-
-
-def bucket_objects(client) -> dict[str, tuple[str, object]]:
-    """{run-relative key: (ETag, LastModified)} of every object under the run's prefix."""
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX + "/")
-    return {o["Key"][len(PREFIX) + 1:]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])}
+def client(s3_run_resumed_by_a_job, monkeypatch, tmp_path):
+    """A boto3 client of the run's S3 server; this process has the server's credentials and a fresh $ZEBRA_CACHE."""
+    use_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path / "cache"))
+    return boto3.client("s3", endpoint_url=s3_run_resumed_by_a_job.endpoint)
 
 
 def marker(client, stage: str) -> dict:
@@ -71,49 +46,43 @@ def download(client, key_prefix: str, dest):
     return dest
 
 
-@pytest.mark.slow
-def test_s3_run_writes_the_bucket_and_resumes_from_it(teacher_dir, data_file, tmp_path, monkeypatch, s3):
-    endpoint, client = s3
-    monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path / "cache"))  # S3 downloads and the run's scratch, never ~/.cache
-    scratch = tmp_path / "cache" / "runs"
-    data = spec_dict(teacher_dir, data_file, f"s3://{BUCKET}/{PREFIX}")
-    data["storage"]["s3_endpoint_url"] = endpoint
-    for stage in ("ild", "kd"):  # the test is the storage, not the training: 4 steps of one worker
-        data[stage].update(workers=1, teacher_mode="inprocess", tokens=4 * 64)
-    data["kd"]["enabled"] = data["export"]["enabled"] = False
+def fetched_models(cache) -> list[str]:
+    """The run-relative keys of the models S3Storage.fetch_dir downloaded under $ZEBRA_CACHE `cache`."""
+    root = cache / "storage" / BUCKET / PREFIX
+    return sorted(str(p.parent.relative_to(root)) for p in root.rglob("config.json"))
 
-    # run 1: init, ild, smart; their models and markers go to the bucket
-    run(load_spec(data))
-    first = bucket_objects(client)
+
+@pytest.mark.slow
+def test_s3_run_writes_the_bucket_and_resumes_from_it(s3_run_resumed_by_a_job, client, tmp_path):
+    job = s3_run_resumed_by_a_job
+    assert job.submitted.returncode == 0, job.logs[-6000:]  # test_submit.py says more about the job
+
+    # run 1: init, ild, smart; their models and markers went to the bucket
+    first = job.first
     for stage in FIRST:
         assert f"{stage}/COMPLETE.json" in first
     for model in ("init/mla", "init/mamba", "ild/mla", "ild/mamba"):
         assert {f"{model}/config.json", f"{model}/model.safetensors", f"{model}/tokenizer.json"} <= set(first), model
     assert not any(k.startswith(("kd/", "export/")) for k in first)
-    assert "report/report.md" in first
+    assert {"report/report.md", "report/smart_scores.png", "report/losses.png"} <= set(first)
+    assert job.first_scratch.is_dir()
     infos = {stage: marker(client, stage) for stage in FIRST}
     assert infos["ild"]["loss_after"]["mla"] < infos["ild"]["loss_before"]["mla"]
-    assert len(infos["smart"]["mla_layers"]) == 2
+    assert len(infos["smart"]["mla_layers"]) == 2 and len(infos["smart"]["scores"]) == 4
 
-    # run 2, as on another machine: no scratch, no download cache; kd and export on
-    assert (scratch / data["name"]).is_dir()
-    shutil.rmtree(tmp_path / "cache")
-    fetched = []
-    fetch_dir = S3Storage.fetch_dir
-    monkeypatch.setattr(S3Storage, "fetch_dir", lambda self, key: fetched.append(key) or fetch_dir(self, key))
-    data["kd"]["enabled"] = data["export"]["enabled"] = True
-    report = run(load_spec(data))
-    second = bucket_objects(client)
+    # run 2, the job on another "machine": no scratch, no download cache of run 1's; kd and export on
+    second = job.second
     assert under(second, FIRST) == under(first, FIRST)  # init, ild, smart skipped: not one object rewritten
-    assert {stage: marker(client, stage) for stage in FIRST} == infos
-    assert not list((scratch / data["name"]).glob("_ray/ild-*"))  # no ILD training started
-    assert sorted(fetched) == ["ild/mamba", "ild/mla"]  # KD's students came from the bucket
+    job_scratch = job.job_cache / "runs" / job.spec["name"]
+    assert list(job_scratch.glob("_ray/kd-*")) and not list(job_scratch.glob("_ray/ild-*"))  # no ILD training
+    assert fetched_models(job.job_cache) == ["ild/mamba", "ild/mla"]  # KD's students came from the bucket
     for stage in ("kd", "export"):
         assert f"{stage}/COMPLETE.json" in second
     assert {"kd/model/config.json", "kd/model/model.safetensors", "export/config.json",
             "export/model.safetensors"} <= set(second)
     kd = marker(client, "kd")
     assert kd["mla_layers"] == infos["smart"]["mla_layers"] and kd["kl_after"] < kd["kl_before"]
+    report = job_scratch / "report" / "report.md"
     assert "| kd |" in report.read_text()
     stored_report = client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/report/report.md")["Body"].read().decode()
     assert stored_report == report.read_text()
@@ -121,10 +90,11 @@ def test_s3_run_writes_the_bucket_and_resumes_from_it(teacher_dir, data_file, tm
     mla = [i for i, kind in enumerate(model.config.mixer_types) if kind == "mla"]
     assert mla == infos["smart"]["mla_layers"]
 
-    # run 3: every stage complete in the bucket; nothing but the report is written again
+    # run 3, here: every stage complete in the bucket; nothing but the report is written again
     start = time.perf_counter()
-    run(load_spec(data))
+    run(load_spec(job.spec))
     assert time.perf_counter() - start < 30
     third = bucket_objects(client)
     assert {k: v for k, v in third.items() if not k.startswith("report/")} == \
         {k: v for k, v in second.items() if not k.startswith("report/")}
+    assert {stage: marker(client, stage) for stage in FIRST} == infos

@@ -1,7 +1,11 @@
 """`ray job submit --working-dir <repo> -- python -m jobs.run SPEC` against a real local cluster
-(`ray start --head` on 127.0.0.1, owned by this module): the job succeeds, its driver joined the
+(`ray start --head` on 127.0.0.1, started by head_node below): the job succeeds, its driver joined the
 cluster, the uploaded working dir leaves out what .gitignore lists, and the run's artifacts are in
 storage (every stage's marker, an exported model AutoModelForCausalLM loads, report.md).
+
+The job is run 2 of the S3 run that test_s3_pipeline.py checks (tests/jobs/conftest.py's
+s3_run_resumed_by_a_job): its storage is a moto S3 bucket where run 1 (init, ild, smart, in this
+process) left its stages, and the job runs kd and export, so one training stage runs on the cluster.
 
 The cluster keeps its own --temp-dir, so its address file is not /tmp/ray/ray_current_cluster and a
 plain ray.init() elsewhere in the session (or on the machine) still starts its own Ray; this process
@@ -15,27 +19,23 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import NamedTuple
 
+import boto3
 import pytest
-import yaml
-from ray._private.services import canonicalize_bootstrap_address
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobStatus
 from transformers import AutoModelForCausalLM
 
 import zebra  # noqa: F401  (registers the zebra model type with AutoModelForCausalLM)
-from tests.jobs.conftest import spec_dict
+from tests.jobs.conftest import BUCKET, PREFIX, use_aws_env
 
 log = logging.getLogger(__name__)
 
@@ -191,18 +191,6 @@ def wait_for_address_file(temp_dir: Path, head: subprocess.Popen, log: Path) -> 
         time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A one-node `ray start --head` cluster with 4 CPUs, its dashboard on 127.0.0.1. (Ray swaps a
-    --node-ip-address of 127.0.0.1 for the machine's reachable address in the GCS address.)"""
-    temp_dir = Path(tempfile.mkdtemp(prefix="zray-"))  # short: Ray's socket paths must fit in 107 bytes
-    try:
-        with head_node(4, temp_dir) as c:
-            yield c
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def submit(url: str, token: str, spec: Path, submission_id: str) -> subprocess.CompletedProcess:
     """The documented command: `ray job submit --working-dir . -- python -m jobs.run SPEC`, run from the repo."""
     cmd = [RAY_CLI, "job", "submit", "--address", url, "--submission-id", submission_id,
@@ -219,42 +207,33 @@ def uploaded_working_dir(temp_dir: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(cluster, teacher_dir, data_file, tmp_path):
-    storage = tmp_path / "run"
-    data = spec_dict(teacher_dir, data_file, storage)
-    data["storage"]["shared"] = True  # an absolute path on the one node: what a job needs (preflight)
-    for stage in ("ild", "kd"):  # the test is the submission, not the training: 4 steps of one worker
-        data[stage].update(workers=1, teacher_mode="inprocess", tokens=4 * 64)
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(data))
-    submission_id = f"zebra-test-{uuid.uuid4().hex[:8]}"
-
-    client = JobSubmissionClient(cluster.url, headers=auth_header(cluster.token))
-    try:
-        done = submit(cluster.url, cluster.token, spec, submission_id)
-    except subprocess.TimeoutExpired:
-        logs = client.get_job_logs(submission_id)
-        client.stop_job(submission_id)
-        pytest.fail(f"the job did not finish within {JOB_TIMEOUT_S} s; its logs end:\n{logs[-6000:]}")
-    logs = client.get_job_logs(submission_id)
+def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(s3_run_resumed_by_a_job, monkeypatch, tmp_path):
+    """The job is run 2 of tests/jobs/conftest.py's S3 run: kd and export after init, ild and smart."""
+    job = s3_run_resumed_by_a_job
+    done, logs = job.submitted, job.logs
     assert done.returncode == 0, f"ray job submit exited {done.returncode}:\n{done.stderr[-3000:]}\n{logs[-6000:]}"
-    assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED
-    assert re.search(rf"Ray: joined \S+:{cluster.gcs_port}\n", logs), logs[-6000:]  # this cluster, not embedded
-    assert "stage kd: done" in logs
+    assert job.status == JobStatus.SUCCEEDED
+    assert re.search(rf"Ray: joined \S+:{job.gcs_port}\n", logs), logs[-6000:]  # this cluster, not embedded
+    assert "stage kd: done" in logs and "stage export: done" in logs
     log.info("the job's stages:\n%s", "\n".join(line for line in logs.splitlines() if "jobs.run" in line))
 
-    workdir = uploaded_working_dir(cluster.temp_dir)
-    assert (workdir / "jobs" / "run.py").is_file() and (workdir / "zebra").is_dir()
-    uploaded = {p.name for p in workdir.rglob("*")}
-    assert not uploaded & set(NOT_UPLOADED), uploaded & set(NOT_UPLOADED)
-    # a plain ray.init() in this session would not join this cluster (ray.init's own address lookup)
+    assert job.has_code
+    assert not job.uploaded & set(NOT_UPLOADED), job.uploaded & set(NOT_UPLOADED)
+    # a plain ray.init() in this session would not join the job's cluster (ray.init's own address lookup)
     assert "RAY_ADDRESS" not in os.environ
-    assert not (canonicalize_bootstrap_address(None) or "").endswith(f":{cluster.gcs_port}")
+    assert not job.plain_init_address.endswith(f":{job.gcs_port}")
 
+    use_aws_env(monkeypatch, tmp_path)
+    client = boto3.client("s3", endpoint_url=job.endpoint)
     for stage in ("init", "ild", "smart", "kd", "export"):
-        info = json.loads((storage / stage / "COMPLETE.json").read_text())
+        info = json.loads(client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/{stage}/COMPLETE.json")["Body"].read())
         assert info["stage"] == stage
-    model = AutoModelForCausalLM.from_pretrained(storage / "export")
+    export = tmp_path / "export"
+    for key in job.second:
+        if key.startswith("export/"):
+            (export / key).parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(BUCKET, f"{PREFIX}/{key}", str(export / key))
+    model = AutoModelForCausalLM.from_pretrained(export / "export")
     assert model.config.mixer_types.count("mla") == 2
-    report = storage / "report" / "report.md"
-    assert report.is_file() and "| kd |" in report.read_text()
+    report = client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/report/report.md")["Body"].read().decode()
+    assert "| kd |" in report

@@ -1,7 +1,7 @@
 """Ray Train + DeepSpeed distillation: two workers, tiny random Llamas as teacher and student.
 
 On CPU: the teacher actor against the teacher in-process, and an in-process top-k run. Learning under
-ZeRO-2 and ZeRO-3 with teacher actors, a worker killed mid-stage (resume from the last checkpoint,
+ZeRO-2 (teacher actors) and ZeRO-3 (teacher in-process), a worker killed mid-stage (resume from the last checkpoint,
 exact step accounting) and the no-op rerun are tested through the pipeline (tests/jobs/test_pipeline.py),
 which runs this same distill(); on GPU: bf16 learning under both stages and the CUDA-IPC teacher."""
 import functools
@@ -101,7 +101,10 @@ def test_teacher_actor_matches_local_teacher():
 
 @pytest.mark.slow
 def test_inprocess_teacher_with_top_k(tmp_path):
-    cfg = config(teacher_mode="inprocess", total_steps=6, checkpoint_every=6, log_every=2)
+    """One worker: the teacher in the worker's process and the top-k objective do not depend on the
+    world size (two workers are tested through the pipeline), and a second DeepSpeed process costs
+    most of this test's time on 2 cores."""
+    cfg = config(workers=1, teacher_mode="inprocess", total_steps=6, checkpoint_every=6, log_every=2)
     out = distill(cfg, student_factory, teacher_factory, kd_objective(top_k=8), random_tokens, str(tmp_path), "kd")
     losses = [m["loss"] for m in out.history]
     print(losses)

@@ -89,3 +89,27 @@ def tiny_hybrid_dir(tmp_path_factory, tiny_model_dir) -> Path:
 def model64(tiny_model_dir):
     """The tiny model in float64: the reference that served log-probs are compared with."""
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session, free_port) -> int:
+    """The port of the one Serve (controller and HTTP proxy on 127.0.0.1) that the serve test modules
+    share: each start and shutdown of Serve costs 10-20 s on 2 busy cores. A module deploys on this port
+    (run_server(..., port=serve_port)) and deletes its applications at its end (delete_apps); should
+    Serve be shut down meanwhile, the next run_server starts it again on this port."""
+    from ray import serve
+
+    port = free_port()
+    serve.shutdown()  # a Serve that an earlier test left running would keep its own port
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port  # no serve.shutdown: it would wait on applications still being deleted (~20 s for one whose
+    # replica was never placed), and the session's embedded Ray, shut down next, takes Serve with it
+
+
+def delete_apps(background: tuple[str, ...] = ()) -> None:
+    """Delete every Serve application, waiting until each is gone, except those named in `background`,
+    whose deletion goes on without waiting (no later test may reuse their names); Serve keeps running."""
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name, _blocking=name not in background)

@@ -8,10 +8,10 @@ import pytest
 
 import requests
 import torch
-from ray import serve
 from transformers import AutoTokenizer
 
 from serve.app import run_server
+from tests.serve.conftest import delete_apps
 
 KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -19,14 +19,14 @@ MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, tiny_model_dir, free_port, tmp_path_factory):
+def url(serve_port, tiny_model_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("secrets") / "api-key"
     key_file.write_text(KEY + "\n")
     key_file.chmod(0o600)
     try:
-        yield run_server(tiny_model_dir, port=free_port(), api_key_file=str(key_file), max_batch_size=8)
+        yield run_server(tiny_model_dir, port=serve_port, api_key_file=str(key_file), max_batch_size=8)
     finally:
-        serve.shutdown()
+        delete_apps()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from serve.app import ServeArgs, build_app, run_server
+from tests.serve.conftest import delete_apps
 
 CONFIG = Path(__file__).parents[2] / "serve" / "config.yaml"
 
@@ -44,11 +45,11 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 
 
 @pytest.mark.slow
-def test_scales_up_under_load_then_down(ray_session, tiny_model_dir, free_port):
+def test_scales_up_under_load_then_down(serve_port, tiny_model_dir):
     try:
         scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-                   "downscale_delay_s": 2.0, "metrics_interval_s": 0.5, "look_back_period_s": 1.0}
-        url = run_server(tiny_model_dir, port=free_port(), autoscaling=scaling, num_cpus=1, api_key_env=None)
+                   "downscale_delay_s": 1.0, "metrics_interval_s": 0.5, "look_back_period_s": 1.0}
+        url = run_server(tiny_model_dir, port=serve_port, autoscaling=scaling, num_cpus=1, api_key_env=None)
         assert running_replicas() == 1
         stop, statuses = threading.Event(), []
 
@@ -58,7 +59,7 @@ def test_scales_up_under_load_then_down(ray_session, tiny_model_dir, free_port):
                                   json={"model": "tiny-llama", "prompt": "Count slowly:", "max_tokens": 32})
                 statuses.append(r.status_code)
 
-        clients = [threading.Thread(target=client) for _ in range(8)]
+        clients = [threading.Thread(target=client) for _ in range(4)]  # 4 ongoing requests: 2 replicas wanted
         for t in clients:
             t.start()
         try:
@@ -71,4 +72,4 @@ def test_scales_up_under_load_then_down(ray_session, tiny_model_dir, free_port):
         print(f"scaled up after {up:.1f} s of load, down {down:.1f} s after it; {len(statuses)} requests")
         assert statuses and set(statuses) == {200}
     finally:
-        serve.shutdown()
+        delete_apps()

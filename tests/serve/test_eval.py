@@ -16,12 +16,6 @@ from serve.eval import TASKS_DIR, run_eval
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(ray_session):
-    yield
-    serve.shutdown()
-
-
 @pytest.fixture
 def offline(monkeypatch):
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
@@ -51,9 +45,10 @@ def direct_accuracy(model_dir) -> float:
     return sum(hits) / len(hits)
 
 
-def test_local_task_offline_with_retention(ray_cluster, offline, tiny_model_dir, make_tiny_llama, tmp_path, free_port):
+def test_local_task_offline_with_retention(serve_port, offline, tiny_model_dir, make_tiny_llama, tmp_path):
     teacher_dir = make_tiny_llama(tmp_path / "teacher-llama", seed=1)
-    report = run_eval(tiny_model_dir, ["zebra_mc"], tmp_path / "out", teacher_dir=teacher_dir, port=free_port())
+    report = run_eval(tiny_model_dir, ["zebra_mc"], tmp_path / "out", teacher_dir=teacher_dir, port=serve_port)
+    assert "zebra-eval" not in serve.status().applications  # run_eval deletes what it deployed
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     table = (tmp_path / "out" / "eval.md").read_text()
     print(table)

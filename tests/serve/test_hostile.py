@@ -16,6 +16,7 @@ import requests
 from ray import serve
 
 from serve.app import _deployment_options, run_server
+from tests.serve.conftest import delete_apps
 
 KEY, KEY_ENV = "hostile-test-key-5f9c2e", "ZEBRA_HOSTILE_TEST_KEY"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -32,15 +33,15 @@ def key_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, tiny_model_dir, free_port, key_file):
+def url(serve_port, tiny_model_dir, key_file):
     """The app, started while the key is also in this process's environment (the old leak's path)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)
         try:
-            yield run_server(tiny_model_dir, port=free_port(), api_key_env=KEY_ENV, api_key_file=str(key_file),
+            yield run_server(tiny_model_dir, port=serve_port, api_key_env=KEY_ENV, api_key_file=str(key_file),
                              max_prompts=MAX_PROMPTS, app_name="hostile", route_prefix="/hostile")
-        finally:
-            serve.shutdown()
+        finally:  # the tests' failed and unplaced applications too; deleting the unplaced one takes ~20 s
+            delete_apps(background=("unplaced",))  # (Serve stopping a replica that never started)
 
 
 def post(url: str, body, **kw) -> requests.Response:

@@ -1,7 +1,7 @@
 """`zebra tune` on a tiny random Llama teacher over the SmolLM2 tokenizer: a search under a KV budget
-with early stopping whose best spec runs through the pipeline; a search interrupted for real (SIGINT
-to `python -m tune.search`) that resumes without launching finished trials again; budgets that
-nothing meets fail before any work."""
+with early stopping whose best spec passes jobs.run's checks and builds its student; a search
+interrupted for real (SIGINT to `python -m tune.search`) that resumes without launching finished
+trials again; budgets that nothing meets fail before any work."""
 import itertools
 import json
 import os
@@ -38,10 +38,12 @@ def ray_cluster(ray_session):
 
 def spec_dict(teacher: Path, data: Path, storage: Path, **tune) -> dict:
     """The pipeline tests' fast spec (tests.jobs.conftest.spec_dict) with the tune section over GRID:
-    no student section (the search sets it), ILD and KD 4 steps of one worker, teacher in-process."""
+    no student section (the search sets it), ILD and KD 4 steps of one worker, teacher in-process,
+    SMART's 5 scorings in one Ray task (two tasks import torch twice on 2 cores)."""
     d = pipeline_spec_dict(teacher, data, storage)
     del d["student"]
     d.update(name="tiny-tune", cluster={"num_cpus": 4})
+    d["smart"]["parallel"] = 1
     for stage in ("ild", "kd"):
         d[stage].update(workers=1, teacher_mode="inprocess", tokens=4 * 64)
     d["tune"] = {**GRID, "num_samples": 6, "kv_budget": BUDGET, "memory_budget_gb": 1, "search_alg": "optuna",
@@ -130,33 +132,42 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     storage = tmp_path / "run"
     for shared in (searched[1] / "tune").glob("shared-rope*"):  # the shared stages are cached by their markers
         shutil.copytree(shared, storage / "tune" / shared.name)
-    steps = 30  # trials of 10 to 30 steps (ASHA rungs at 10 and 20): long enough to be caught running
+    # 4 trials of 4 to 12 steps, two at a time (ASHA rungs at 4 and 8, a report and checkpoint every 4
+    # steps, which cost more than the steps): when the first one finishes, the second is still running
+    # and the other two wait, so the interruption leaves unfinished trials for the restore to run.
+    steps, samples = 12, 4
     spec = write_spec(tmp_path / "spec.yaml", spec_dict(teacher_dir, data_file, storage, search_alg="random",
-                                                        steps=steps, eval_every=5, grace_period=2))
+                                                        steps=steps, eval_every=4, grace_period=1,
+                                                        num_samples=samples))
     log = (tmp_path / "first.log").open("w")
     # the search joins this test's Ray (as under `ray job submit`): no second cluster to start on a busy machine
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "tune.search", spec], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while not finished_reports(storage / "tune", steps):
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no trial finished in time"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    try:
+        deadline = time.monotonic() + 240
+        while not finished_reports(storage / "tune", steps):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:  # a failed wait must not leave the search running (and loading the cores) after the test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     (experiment,) = (storage / "tune").glob("search-*")
     trials = ExperimentAnalysis(str(experiment)).trials
     finished = {t.trial_id: Path(t.path) for t in trials if t.status == "TERMINATED"}
     print({t.trial_id: t.status for t in trials})
-    assert 1 <= len(finished) < 6
+    assert 1 <= len(finished) < samples
     before = {tid: (path / "result.json").read_bytes() for tid, path in finished.items()}
 
     assert main([spec]) == 0
     report = json.loads((storage / "tune/trials.json").read_text())
     ids = [t["trial_id"] for t in report["trials"]]
-    assert len(ids) == len(set(ids)) == 6 and set(finished) <= set(ids)
+    assert len(ids) == len(set(ids)) == samples and set(finished) <= set(ids)
     for tid, path in finished.items():  # a relaunch would have appended reports (with a new pid)
         assert (path / "result.json").read_bytes() == before[tid], f"trial {tid} ran again"
     assert all(t["status"] == "ok" for t in report["trials"])
@@ -206,7 +217,10 @@ def test_pareto_front_matches_brute_force():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_best_spec_runs_through_the_pipeline(searched):
+def test_best_spec_passes_the_pipelines_checks_and_builds_its_student(searched):
+    """best.yaml is the best trial's shape in a valid pipeline spec: jobs.run takes it (its preflight and
+    input checks) and its init stage builds the MLA student at that shape. The later stages are off:
+    they would train the students again (tests/jobs/test_pipeline.py runs a whole spec)."""
     storage = searched[1]
     report = json.loads((storage / "tune/trials.json").read_text())
     best = min(report["trials"], key=lambda t: (t["kl"], t["kv_bytes_per_token"]))
@@ -216,8 +230,14 @@ def test_best_spec_runs_through_the_pipeline(searched):
     assert spec.tune is None and spec.name == "tiny-tune-best" and spec.storage.uri == f"{storage}/best"
     assert (st.kv_rank, st.q_rank, st.qk_rope_dim, st.num_mla_layers) == (
         best["kv_rank"], best["q_rank"], best["qk_rope_dim"], best["num_mla"])
+    assert all(spec.section(name).enabled for name in ("init", "ild", "smart", "kd", "export"))
     start = time.perf_counter()
-    assert run(spec).is_file()
-    print(f"best spec through jobs.run: {time.perf_counter() - start:.0f} s")
-    exported = json.loads((storage / "best/export/config.json").read_text())
-    assert exported["kv_rank"] == best["kv_rank"] and exported["mixer_types"].count("mla") == best["num_mla"]
+    later_off = {f"{name}.enabled": False for name in ("ild", "smart", "kd", "export")}
+    layers = [int(i) for i in best["mla_layers"].split(",")]  # with smart off, the spec names them
+    assert run(spec.updated({**later_off, "student.mla_layers": layers, "student.num_mla_layers": None})).is_file()
+    print(f"best spec through jobs.run's init: {time.perf_counter() - start:.0f} s")
+    built = json.loads((storage / "best/init/mla/config.json").read_text())
+    assert (built["kv_rank"], built["q_rank"], built["qk_rope_dim"]) == (
+        best["kv_rank"], best["q_rank"], best["qk_rope_dim"])
+    assert json.loads((storage / "best/init/COMPLETE.json").read_text())["kv_bytes_per_token"]["mla"] == kv_bytes(
+        len(built["mixer_types"]), best["kv_rank"], best["qk_rope_dim"])

@@ -1,4 +1,5 @@
 """Data layer: loading sources, packing, the token cache, seeded order, sharding and resuming."""
+import itertools
 import json
 import random
 import sysconfig
@@ -261,9 +262,22 @@ def test_builtin_corpus_is_large_english_and_deterministic():
     assert len(joined) > 1_000_000 and len(set(texts)) == len(texts)
     assert joined.count(" the ") > 5000  # prose, not code
     lib = Path(sysconfig.get_paths()["stdlib"])
-    part = data._stdlib_docstrings(lib / "email")  # a recomputation in the same order
-    assert part == data._stdlib_docstrings(lib / "email") and len(part) > 20
+    part = list(data._stdlib_docstrings(lib / "email"))  # a recomputation in the same order
+    assert part == list(data._stdlib_docstrings(lib / "email")) and len(part) > 20
     assert set(part) <= set(texts)
+
+
+def test_the_lazy_builtin_corpus_reads_only_what_is_taken(monkeypatch):
+    """zebra convert's calibration takes a few thousand tokens: the lazy reader must yield the list's
+    first texts without parsing the standard library."""
+    first = builtin_texts()[:3]
+
+    def parsed(lib):
+        raise AssertionError("parsed the standard library")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(data, "_stdlib_docstrings", parsed)
+    assert list(itertools.islice(data.iter_builtin_texts(), 3)) == first
 
 
 @pytest.mark.slow
