@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import log_once
+from kernels.dispatch import use_kernel
 from kernels.ssd import causal_conv1d_step, ssd_step
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,8 @@ def _use_triton(op: str, backend: str, x: torch.Tensor) -> bool:
     elif x.dtype not in KERNEL_DTYPES:
         reason = f"dtype {x.dtype} has no kernel"
     else:
-        log_once(log, f"{op}: Triton kernel")
-        return True
-    if backend == "triton":
-        raise RuntimeError(f"{op}: backend='triton' but {reason}; use 'auto' or 'torch'")
-    log_once(log, f"{op}: PyTorch reference ({reason})")
-    return False
+        reason = None
+    return use_kernel(log, op, "", reason, backend)
 
 
 # -- MLA absorbed decode attention ----------------------------------------------------------------

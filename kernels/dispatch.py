@@ -17,3 +17,16 @@ def log_once(logger: logging.Logger, message: str) -> None:
     (or a traced cache wrapper) breaks the graph, and the eager call before or after logs it anyway."""
     if not torch.compiler.is_compiling():
         _log_cached(logger.name, message)
+
+
+def use_kernel(logger: logging.Logger, op: str, kernel: str, reason: str | None, backend: str) -> bool:
+    """The end of every dispatch point: True for the Triton kernel when nothing stops it (reason None);
+    otherwise RuntimeError under backend "triton", else False for the PyTorch reference. The choice is
+    logged once, with the kernel's name (kernel, may be "") or the reason."""
+    if reason is None:
+        log_once(logger, f"{op}: Triton kernel{' ' + kernel if kernel else ''}")
+        return True
+    if backend == "triton":
+        raise RuntimeError(f"{op}: backend='triton' but {reason}; use 'auto' or 'torch'")
+    log_once(logger, f"{op}: PyTorch reference ({reason})")
+    return False

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import log_once
+from kernels.dispatch import use_kernel
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +204,6 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     if backend not in BACKENDS:
         raise ValueError(f"gated_rms_norm: backend must be one of {BACKENDS}, got {backend!r}")
     reason = "backend='torch'" if backend == "torch" else _unsupported(y, backend)
-    if reason is None:
-        log_once(log, "gated_rms_norm: Triton kernel kernels.norm.gated_rms_norm_triton")
+    if use_kernel(log, "gated_rms_norm", "kernels.norm.gated_rms_norm_triton", reason, backend):
         return gated_rms_norm_triton(y, z, weight, group_size, eps)
-    if backend == "triton":
-        raise RuntimeError(f"gated_rms_norm: backend='triton' but {reason}; use 'auto' or 'torch'")
-    log_once(log, f"gated_rms_norm: PyTorch reference ({reason})")
     return gated_rms_norm_ref(y, z, weight, group_size, eps)

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import log_once
+from kernels.dispatch import log_once, use_kernel
 
 # Our Triton kernels, imported up front so that `_load` finds them in sys.modules: torch.compile traces that
 # lookup, where an import inside a compiled forward would break its graph. Without triton, `_load` says why.
@@ -215,13 +215,8 @@ def _ssd_triton(x, chunk_size: int, backend: str):
         fn, reason = None, f"dtype {x.dtype} has no kernel"
     if fn is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         fn, reason = None, f"chunk_size {chunk_size} is not a power of two >= 16"
-    if fn is not None:
-        log_once(log, "ssd_scan: Triton kernel kernels.ssd_scan.ssd_scan_triton")
-        return fn
-    if backend == "triton":
-        raise RuntimeError(f"ssd_scan: backend='triton' but {reason}; use 'auto' or 'torch'")
-    log_once(log, f"ssd_scan: PyTorch reference ({reason})")
-    return None
+    return fn if use_kernel(log, "ssd_scan", "kernels.ssd_scan.ssd_scan_triton", None if fn else reason,
+                            backend) else None
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, backend: str = "auto"):
@@ -272,12 +267,8 @@ def _conv_triton(x, weight, bias, initial_window, backend: str, activation: str 
         fn, reason = _load("kernels.conv1d", "causal_conv1d_triton")
     if fn is not None:
         reason = _conv_unsupported(x, weight, initial_window, package=False)
-    if reason is None:
-        log_once(log, "causal_conv1d: Triton kernel kernels.conv1d.causal_conv1d_triton")
+    if use_kernel(log, "causal_conv1d", "kernels.conv1d.causal_conv1d_triton", reason, backend):
         return fn(x, weight, bias, initial_window, activation)
-    if backend == "triton":
-        raise RuntimeError(f"causal_conv1d: backend='triton' but {reason}; use 'auto' or 'torch'")
-    log_once(log, f"causal_conv1d: PyTorch reference ({reason})")
     return None
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama teachers (seconds), and the real SmolLM2 teacher (slow, cached)."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,25 @@ def tiny_llama(dtype=torch.float64, seed=None, **overrides) -> LlamaForCausalLM:
 @pytest.fixture
 def teacher64():
     return tiny_llama()
+
+
+def save_perturbed_students(teacher_dir, out, scale: float, seed: int) -> tuple[str, str]:
+    """out/mla and out/mamba: the teacher converted to a pure-MLA (kv_rank 4) and a pure-Mamba2 student,
+    every parameter perturbed by scale * N(0, 1) (seeded) so that losses against the teacher are not ~0."""
+    from transformers import AutoModelForCausalLM
+
+    from zebra.convert import convert, hybrid_config
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    for kind in ("mla", "mamba"):
+        layers = list(range(teacher.config.num_hidden_layers)) if kind == "mla" else []
+        student = convert(teacher, hybrid_config(teacher.config, layers, kv_rank=4, qk_rope_dim=2))
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+        student.save_pretrained(Path(out) / kind)
+    return str(Path(out) / "mla"), str(Path(out) / "mamba")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -94,10 +114,15 @@ def ray_session():
 
 
 @pytest.fixture
-def one_rank_group():
-    """The process group of one rank that Ray Train would have set up (gloo)."""
+def one_rank_group(monkeypatch):
+    """The process group of one rank that Ray Train would have set up (gloo), and DeepSpeed's group
+    caches cleared of the groups of earlier tests (destroyed since)."""
+    import deepspeed.utils.groups as ds_groups
     import torch.distributed as dist
 
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        monkeypatch.setattr(ds_groups, name, None)
+    monkeypatch.setenv("LOCAL_RANK", "0")
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

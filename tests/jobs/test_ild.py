@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from cluster.teacher import LocalTeacher, _map_tensors
 from jobs.context import batches
 from jobs.stages.ild import ILD_OBJECTIVE, StudentPair, held_out_ild
 from jobs.train import STUDENT_STATE_FILE, Session, TrainConfig, train_worker
+from tests.conftest import save_perturbed_students
 from tests.jobs.conftest import teacher_dir  # noqa: F401 (module fixture)
-from zebra.convert import convert, hybrid_config
 
 BATCH, SEQ = 2, 12
 
@@ -22,16 +21,7 @@ BATCH, SEQ = 2, 12
 @pytest.fixture(scope="module")
 def students(teacher_dir, tmp_path_factory):  # noqa: F811
     """(mla_dir, mamba_dir): the teacher converted to pure students, perturbed so the loss is not ~0."""
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    root = tmp_path_factory.mktemp("students")
-    gen = torch.Generator().manual_seed(1)
-    for kind, layers in (("mla", [0, 1, 2, 3]), ("mamba", [])):
-        student = convert(teacher, hybrid_config(teacher.config, layers, kv_rank=4, qk_rope_dim=2))
-        with torch.no_grad():
-            for p in student.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
-        student.save_pretrained(root / kind)
-    return str(root / "mla"), str(root / "mamba")
+    return save_perturbed_students(teacher_dir, tmp_path_factory.mktemp("students"), scale=0.02, seed=1)
 
 
 def _teacher(teacher_dir):  # noqa: F811
@@ -94,21 +84,6 @@ def test_map_tensors_reaches_nested_outputs():
     a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 2.0)
     hidden, attn = _map_tensors(lambda t: t + 1, ([a, b], [c]))
     assert [t.tolist() for t in hidden] == [[2.0, 2.0], [1.0, 1.0, 1.0]] and attn[0].tolist() == [3.0]
-
-
-@pytest.fixture
-def one_rank_group(monkeypatch):
-    """A one-rank gloo process group, and DeepSpeed's group caches cleared of earlier tests' groups."""
-    import deepspeed.utils.groups as ds_groups
-    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        monkeypatch.setattr(ds_groups, name, None)
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def test_ild_trains_through_the_recipe(teacher_dir, students, one_rank_group):  # noqa: F811

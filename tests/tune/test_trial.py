@@ -21,10 +21,10 @@ from cluster.storage import LocalStorage
 from jobs.context import batches, kd_recipe
 from jobs.spec import load_spec
 from jobs.train import STUDENT_STATE_FILE
+from tests.conftest import save_perturbed_students
 from tests.jobs.conftest import teacher_dir  # noqa: F401 (module fixture)
 from tune.space import Arm
 from tune.trial import SharedStudents, TrialPlan, arm_layers, run_trial, trial_recipe
-from zebra.convert import convert, hybrid_config
 from zebra.hybrid import compose_hybrid
 from zebra.smart import select_mla_layers
 
@@ -47,14 +47,7 @@ class Recorder:
 
 def shared_students(root: Path, teacher_dir: Path) -> None:  # noqa: F811
     """ild/mla and ild/mamba in storage at root: conversions of the teacher, perturbed as after ILD."""
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    for kind, layers in (("mla", [0, 1, 2, 3]), ("mamba", [])):
-        student = convert(teacher, hybrid_config(teacher.config, layers, kv_rank=4, qk_rope_dim=2))
-        with torch.no_grad():
-            for p in student.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=gen))
-        student.save_pretrained(root / "ild" / kind)
+    save_perturbed_students(teacher_dir, root / "ild", scale=0.01, seed=0)
 
 
 def spec_for(teacher: Path, storage: Path):
