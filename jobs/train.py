@@ -472,11 +472,23 @@ def resolve_bf16(setting: bool | str, use_gpu: bool) -> bool:
     return use_gpu and (setting is True or (setting == "auto" and torch.cuda.is_bf16_supported()))
 
 
+def _without_cpu_shm_op() -> None:
+    """On the CPU DeepSpeed JIT-compiles a shared-memory all-reduce op (C++, ~35 s on 2 cores, in every
+    fresh virtualenv) when its comm backend starts. Only its inference all-reduce uses it; training's
+    collectives go through the gloo process group Ray Train set up. Mark it unavailable so that the
+    backend skips the build (DeepSpeed's own switch for ops a machine cannot build)."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def _engine(cfg: TrainConfig, student: nn.Module, world: int):
     """The student inside a DeepSpeed engine (uses the process group Ray Train set up), with
     GroupClippedAdamW over the student's param_groups() where it has them (else one group of its
     trainable parameters) and the lr_ratio schedule."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not cfg.use_gpu:
+        _without_cpu_shm_op()
     groups = (student.param_groups() if hasattr(student, "param_groups")
               else [{"params": [p for p in student.parameters() if p.requires_grad]}])
     optimizer = GroupClippedAdamW(groups, max_norm=cfg.grad_clip, lr=cfg.lr, betas=(0.9, 0.95),
