@@ -11,7 +11,9 @@ set -uo pipefail
 Q=/tmp/quality
 case "${1:-}" in
 start)
-    mkdir -p $Q && rm -rf $Q/tree && cp -r . $Q/tree && cd $Q/tree || exit 1
+    # a fresh copy of the uploaded tree, keeping the runs' stored stages so that `start` resumes them
+    mkdir -p $Q/tree/runs && mv $Q/tree/runs $Q/runs.keep && rm -rf $Q/tree && cp -r . $Q/tree \
+        && rm -rf $Q/tree/runs && mv $Q/runs.keep $Q/tree/runs && cd $Q/tree || exit 1
     sed -e 's/num_mla_layers: 3 .*/num_mla_layers: 2            # 320 of 11,520: 2.8%/' \
         -e 's/^name: .*/name: smollm2-prose-mla2/' -e 's#uri: runs/.*#uri: runs/smollm2-prose-mla2#' \
         jobs/examples/smollm2-prose-1gpu.yaml > $Q/mla2.yaml
