@@ -320,7 +320,7 @@ class _Request:
             self.finish = "stop"
         else:
             self.detok.add(token)
-            if self.steps == s.max_tokens:
+            if self.steps >= s.max_tokens:
                 self.detok.flush()
                 self.finish = "length"
         self.text = self.detok.text
@@ -497,10 +497,15 @@ class Engine:
     each sequence counted at its exact sequence_bytes(prompt + max_tokens) for a hybrid, at the widest
     row's for a teacher's padded batch. A hybrid's preallocated cache takes as many slots of max_len
     tokens as the budget holds.
+
+    Requests of at most one new token (lm-eval's log-likelihood requests: echo, logprobs, max_tokens 1)
+    never join the batch: the waiting ones are scored together, shortest first, in right-padded forwards
+    of at most score_tokens padded tokens (default 16,384 on a GPU, 2,048 on the CPU) without a cache;
+    in a causal model the padding after a prompt changes none of its positions.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 64, max_len: int | None = None,
-                 cache_budget_bytes: int | None = None):
+                 cache_budget_bytes: int | None = None, score_tokens: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -511,6 +516,7 @@ class Engine:
         self.eos_ids = frozenset(eos + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
         self.cache_budget = cache_budget_bytes or _default_budget(self.device)
         self.max_batch = max_batch
+        self.score_tokens = score_tokens or (16384 if self.device.type == "cuda" else 2048)
         if getattr(model.config, "model_type", None) == "zebra":
             self.max_batch = min(self.max_batch, self.cache_budget // self.sequence_bytes(self.max_len))
             if self.max_batch < 1:
@@ -659,37 +665,79 @@ class Engine:
                     self.rows.clear()
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch, first come first served, while a slot and the budget allow."""
+        """Score the waiting requests of at most one new token; move the others into the batch, first
+        come first served, while a slot and the budget allow. (Requests keep arriving meanwhile: every
+        pass under the lock scores what waits to be scored before it admits the next one.)"""
         while True:
             with self._wake:
-                if not self._waiting:
+                scored = [r for r in self._waiting if r.prompt.sampling.max_tokens <= 1]
+                if scored:
+                    self._waiting = deque(r for r in self._waiting if r.prompt.sampling.max_tokens > 1)
+                elif not self._waiting:
                     return
-                request = self._waiting[0]
-                tokens = [r.tokens for r in self._running] + [request.tokens]
-                fits = len(tokens) <= self.max_batch and self.rows.footprint(tokens) <= self.cache_budget
-                zero = request.prompt.sampling.max_tokens == 0
-                if not (request.cancelled or zero or fits):
-                    return
-                self._waiting.popleft()
+                else:
+                    request = self._waiting[0]
+                    tokens = [r.tokens for r in self._running] + [request.tokens]
+                    fits = len(tokens) <= self.max_batch and self.rows.footprint(tokens) <= self.cache_budget
+                    if not (request.cancelled or fits):
+                        return
+                    self._waiting.popleft()
+            if scored:
+                for batch in self._score_batches([r for r in scored if not r.cancelled]):
+                    try:
+                        self._score(batch)
+                    except Exception as e:  # noqa: BLE001  these prompts fail, the batch goes on
+                        log.exception("scoring failed for %d prompts", len(batch))
+                        for r in batch:
+                            r.fail(f"scoring failed: {type(e).__name__}: {e}")
+                continue
             if request.cancelled:
                 continue
             try:
-                self._prefill(request, join=not zero)
+                self._prefill(request)
             except Exception as e:  # noqa: BLE001  this prompt fails, the batch goes on
                 log.exception("prefill failed for a prompt of %d tokens", len(request.prompt.ids))
                 request.fail(f"prefill failed: {type(e).__name__}: {e}")
 
-    def _prefill(self, request: _Request, join: bool) -> None:
-        """Run the prompt; record its echoed log-probs; join the batch (or finish when max_tokens is 0)."""
+    def _score_batches(self, requests: list[_Request]) -> list[list[_Request]]:
+        """Requests grouped shortest first into batches of at most score_tokens padded tokens (a longer
+        prompt alone)."""
+        batches: list[list[_Request]] = []
+        for request in sorted(requests, key=lambda r: len(r.prompt.ids)):
+            if batches and (len(batches[-1]) + 1) * len(request.prompt.ids) <= self.score_tokens:
+                batches[-1].append(request)
+            else:
+                batches.append([request])
+        return batches
+
+    def _score(self, batch: list[_Request]) -> None:
+        """One right-padded forward of the prompts: their echoed log-probs, and the one new token of those
+        with max_tokens 1 (sampled as in a decode step); every request of the batch finishes."""
+        lengths = [len(r.prompt.ids) for r in batch]
+        ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+        for i, request in enumerate(batch):
+            ids[i, : lengths[i]] = torch.tensor(request.prompt.ids)
+        ids = ids.to(self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits  # [batch, width, vocab]
+        for i, request in enumerate(batch):
+            if request.prompt.echo and request.prompt.logprobs is not None:
+                request.record_prompt(ids[i, : lengths[i]], logits[i, : lengths[i] - 1].float().log_softmax(-1))
+        one = [i for i, r in enumerate(batch) if r.prompt.sampling.max_tokens == 1]
+        for i, request in enumerate(batch):
+            if request.prompt.sampling.max_tokens == 0:
+                request.finish_now("length")
+        if one:
+            requests = [batch[i] for i in one]
+            last = torch.stack([logits[i, lengths[i] - 1] for i in one]).float()
+            tokens = self._sample(requests, last)
+            for request, token, (lp, top) in zip(requests, tokens.tolist(), self._logprobs(requests, last, tokens)):
+                request.push(token, lp, top)
+
+    def _prefill(self, request: _Request) -> None:
+        """Run the prompt; record its echoed log-probs; join the batch."""
         prompt = request.prompt
         ids = torch.tensor(prompt.ids, device=self.device)
         all_logits = prompt.echo and prompt.logprobs is not None
-        if not join:
-            if all_logits:
-                logits = self.model(input_ids=ids[None], use_cache=False).logits[0]
-                request.record_prompt(ids, logits[:-1].float().log_softmax(-1))
-            request.finish_now("length")
-            return
         logits = self.rows.prefill(ids, all_logits)
         if all_logits:
             request.record_prompt(ids, logits[:-1].float().log_softmax(-1))

@@ -87,6 +87,70 @@ def test_batch_gives_each_prompt_what_it_gets_alone(engine):
     assert together[4].output_ids == [] and len(together[4].token_logprobs) == 9
 
 
+def test_one_token_requests_are_scored_together(engine, model64):
+    """lm-eval's log-likelihood requests (echo, logprobs, max_tokens 0 or 1) never join the decode batch:
+    the waiting ones run together in right-padded forwards of at most score_tokens padded tokens, and each
+    equals the float64 forward of its prompt alone (log-probs, top-k, the greedy new token)."""
+    scorer = Engine(engine.model, engine.tokenizer, max_batch=4, score_tokens=40)
+    batches = []
+    score = scorer._score
+    scorer._score = lambda batch: (batches.append([len(r.prompt.ids) for r in batch]), score(batch))[1]
+    prompts = [Prompt(random_ids(3 + 5 * i % 13, 40 + i), greedy(i % 2), logprobs=2, echo=True) for i in range(9)]
+    done: dict[int, object] = {}
+    with scorer._wake:  # the scheduler sees them all waiting at once, as with lm-eval's concurrent requests
+        for i, prompt in enumerate(prompts):
+            scorer.submit(prompt, lambda u, i=i: done.__setitem__(i, u))
+    deadline = time.monotonic() + 60
+    while len(done) < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scorer.close()
+    print("batches (prompt lengths)", batches)
+    assert sorted(n for b in batches for n in b) == sorted(len(p.ids) for p in prompts)
+    assert len(batches) < len(prompts)
+    assert all(len(b) == 1 or len(b) * max(b) <= 40 for b in batches)
+    for i, prompt in enumerate(prompts):
+        update = done[i]
+        assert update.error is None
+        got, ids = update.completion, list(prompt.ids)
+        with torch.no_grad():
+            ref = model64(torch.tensor([ids])).logits[0].log_softmax(-1)  # [seq, vocab]
+        want = ref[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert got.token_logprobs[0] is None
+        assert max(abs(a - b) for a, b in zip(got.token_logprobs[1 : len(ids)], want.tolist())) < 1e-4
+        for pos, top in enumerate(got.top_logprobs[1 : len(ids)]):
+            assert list(top) == ref[pos].topk(2).indices.tolist()
+        if prompt.sampling.max_tokens == 1:
+            assert got.output_ids == [ref[-1].argmax().item()]
+            assert abs(got.token_logprobs[-1] - ref[-1].max().item()) < 1e-4
+        else:
+            assert got.output_ids == [] and len(got.token_logprobs) == len(ids)
+
+
+def test_a_one_token_request_arriving_while_others_are_scored_is_scored_too(engine):
+    """A max_tokens-0 request that arrives while the scheduler scores others never joins the decode batch
+    (where it would never finish)."""
+    scorer = Engine(engine.model, engine.tokenizer, max_batch=4)
+    done: dict[str, object] = {}
+    score = scorer._score
+
+    def score_then_submit(batch):
+        if "late" not in done:
+            done["late"] = None
+            scorer.submit(Prompt(random_ids(5, 61), greedy(0), logprobs=1, echo=True),
+                          lambda u: done.__setitem__("late", u))
+        return score(batch)
+
+    scorer._score = score_then_submit
+    first = scorer.complete([Prompt(random_ids(6, 60), greedy(1), logprobs=1, echo=True)])[0]
+    deadline = time.monotonic() + 30
+    while done["late"] is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scorer.close()
+    assert len(first.output_ids) == 1
+    assert done["late"] is not None and done["late"].error is None
+    assert done["late"].completion.output_ids == [] and len(done["late"].completion.token_logprobs) == 5
+
+
 def test_interleaved_requests_equal_each_served_alone(engine):
     """Requests of different lengths join a running batch of 3 slots as others leave (continuous
     batching); every greedy answer equals the same request served alone."""
