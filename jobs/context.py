@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
+from collections import deque
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import ray
 import torch
 from torch import nn
 from transformers import AutoTokenizer
@@ -22,8 +25,10 @@ from transformers import AutoTokenizer
 from cluster.storage import Storage, fetch_uri
 from jobs.outputs import StageOutput
 from jobs.spec import JobSpec, TrainSettings
+from jobs.tokenise import tokenize_chunk_at
 from jobs.train import Objective, TrainConfig, kd_objective
-from zebra.data import PackedDataset, iter_texts, packed_sequences, rows_of, texts_for_tokens, token_slices
+from zebra.data import (ChunkMap, PackedDataset, iter_texts, packed_sequences, rows_of, store_token_stream, token_slices,
+                        stream_dtype, tokenize_until)
 from zebra.teacher import load_teacher_model, teacher_folder
 
 log = logging.getLogger(__name__)
@@ -106,15 +111,64 @@ def longest_seq_len(spec: JobSpec) -> int:
     return max(spec.init.seq_len, spec.ild.seq_len, spec.smart.seq_len, spec.kd.seq_len, tune.seq_len if tune else 0)
 
 
+PARALLEL_TOKENS = 4_000_000  # a corpus prefix at least this long is tokenised by Ray tasks (parallel_chunk_map)
+
+
 @functools.lru_cache(maxsize=4)
 def _texts(source: str, split: str, text_field: str, name: str | None, endpoint: str | None, tokenizer_dir: str,
-           tokens: int) -> tuple[str, ...]:
-    """The first documents of the corpus holding `tokens` tokens (zebra.data.texts_for_tokens): no
-    more is read. An s3:// source is fetched through cluster.storage and read as the local copy."""
+           tokens: int, cache_dir: str) -> tuple[str, ...]:
+    """The first documents of the corpus holding `tokens` tokens (zebra.data.tokenize_until): no more is
+    read, and their token stream goes to the token cache in cache_dir as it is computed, so packing
+    them at any seq_len tokenises nothing again. With Ray up and `tokens` >= PARALLEL_TOKENS the chunks
+    are tokenised by Ray tasks in parallel. An s3:// source is fetched through cluster.storage and read
+    as the local copy."""
     if source.startswith("s3://"):
         source = str(fetch_uri(source, endpoint))
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return tuple(texts_for_tokens(iter_texts(source, split, text_field, name=name), tok, tokens))
+    chunk_map = parallel_chunk_map(tokenizer_dir) if tokens >= PARALLEL_TOKENS and ray.is_initialized() else None
+    parallel = chunk_map is not None
+    start = time.perf_counter()
+    texts, stream = tokenize_until(iter_texts(source, split, text_field, name=name), tok, tokens, map_chunks=chunk_map)
+    log.info("data: %d documents, %d tokens tokenised in %.1f s (%s)", len(texts), len(stream),
+             time.perf_counter() - start, "Ray tasks" if parallel else "in the driver")
+    store_token_stream(texts, tok, stream, cache_dir)
+    return tuple(texts)
+
+
+def parallel_chunk_map(tokenizer_dir: str, in_flight: int | None = None) -> ChunkMap | None:
+    """A zebra.data.tokenize_until chunk map over Ray tasks (jobs.tokenise: HF `tokenizers` on the folder's
+    tokenizer.json, one core each), or None where the folder has no tokenizer.json. Results come in order;
+    at most in_flight chunks (default: the cluster's CPUs) are read ahead; the tasks still in flight are
+    cancelled when the consumer stops. The tasks reserve no CPU, so they also run while trainers hold
+    every CPU of the cluster."""
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        return None
+    tok = _tokenizer(tokenizer_dir)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer_dir!r} has no eos_token_id; packing needs one")
+    eos, dtype = tok.eos_token_id, np.dtype(stream_dtype(tok)).name
+    task = ray.remote(num_cpus=0, max_retries=2)(tokenize_chunk_at)
+    in_flight = in_flight or min(64, max(2, int(ray.cluster_resources().get("CPU", 2))))
+
+    def chunk_map(chunks):
+        pending: deque = deque()
+        try:
+            for chunk in chunks:
+                pending.append(task.remote(chunk, tokenizer_dir, eos, dtype))
+                if len(pending) >= in_flight:
+                    yield ray.get(pending.popleft())
+            while pending:
+                yield ray.get(pending.popleft())
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+
+    return chunk_map
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(tokenizer_dir: str):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def sequences(spec: JobSpec, ctx: Context, seq_len: int, stage: str = "ild") -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +189,7 @@ def sequences(spec: JobSpec, ctx: Context, seq_len: int, stage: str = "ild") -> 
         raise ValueError(f"sequences: no tokens are budgeted for {stage!r} (its stage is disabled)")
     slack = 2 * len(budgets) * longest_seq_len(spec)  # rows_of drops a partial row at each end of each range
     texts = _texts(d.source, d.split, d.text_field, d.hub_config, spec.storage.s3_endpoint_url, ctx.teacher_dir,
-                   sum(budgets.values()) + slack)
+                   sum(budgets.values()) + slack, str(ctx.scratch / "data"))
     tok = AutoTokenizer.from_pretrained(ctx.teacher_dir)
     seqs = packed_sequences(list(texts), tok, seq_len, cache_dir=ctx.scratch / "data").astype(np.int64)
     ranges = token_slices(budgets, len(seqs) * seq_len)

@@ -25,7 +25,8 @@ import os
 import shutil
 import sysconfig
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -317,18 +318,76 @@ def texts_for_tokens(texts: Iterable[str], tokenizer, tokens: int, batch_size: i
     """The first documents of `texts` that hold at least `tokens` tokens once tokenised (tokenize's
     count, EOS included), or all of them: the iterable is consumed no further than that, so a
     streamed corpus is read only as far as a run needs."""
+    return tokenize_until(texts, tokenizer, tokens, chunk_docs=batch_size)[0]
+
+
+ChunkMap = Callable[[Iterator[list[str]]], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def tokenize_chunk(texts: list[str], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(every document's ids followed by EOS, concatenated; each document's token count): tokenize's
+    output for a chunk of documents as two arrays (cheap to ship between processes)."""
+    dtype = stream_dtype(tokenizer)
+    docs = list(tokenize(texts, tokenizer, batch_size=max(1, len(texts))))
+    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=sum(map(len, docs)))
+    return flat, np.array([len(d) for d in docs], dtype=np.int64)
+
+
+def stream_dtype(tokenizer) -> type:
+    """uint16 where the vocabulary fits (halves the token cache), else uint32."""
+    return np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+
+
+def tokenize_until(texts: Iterable[str], tokenizer, tokens: int, chunk_docs: int = 256,
+                   map_chunks: ChunkMap | None = None) -> tuple[list[str], np.ndarray]:
+    """(the first documents of `texts` holding at least `tokens` tokens, or all of them; their token
+    stream as token_stream holds it) in one pass of tokenisation.
+
+    The documents go in chunks of chunk_docs to map_chunks, which yields each chunk's tokenize_chunk
+    result in order; the default tokenises in this process, a parallel map (several processes, each
+    chunk as it is read) may take its place. Reading stops once the tokens are there; a parallel
+    map reads no further ahead than the chunks it keeps in flight."""
     if tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
-    it = iter(texts)
+    if map_chunks is None:
+        map_chunks = lambda chunks: (tokenize_chunk(c, tokenizer) for c in chunks)  # noqa: E731
+    sent: deque[list[str]] = deque()
+
+    def chunks() -> Iterator[list[str]]:
+        it = iter(texts)
+        while chunk := list(itertools.islice(it, chunk_docs)):
+            sent.append(chunk)
+            yield chunk
+
     taken: list[str] = []
+    parts: list[np.ndarray] = []
     count = 0
-    while count < tokens and (batch := list(itertools.islice(it, batch_size))):
-        for text, ids in zip(batch, tokenize(batch, tokenizer, batch_size)):
+    results = map_chunks(chunks())
+    try:
+        for flat, lengths in results:
+            chunk = sent.popleft()
+            n = 0
+            while n < len(chunk) and count < tokens:
+                count += int(lengths[n])
+                n += 1
+            taken += chunk[:n]
+            parts.append(flat[: int(lengths[:n].sum())])
             if count >= tokens:
                 break
-            taken.append(text)
-            count += len(ids)
-    return taken
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()  # a parallel map cancels what it still has in flight
+    return taken, (np.concatenate(parts) if parts else np.zeros(0, dtype=stream_dtype(tokenizer)))
+
+
+def store_token_stream(texts: Sequence[str], tokenizer, stream: np.ndarray, cache_dir: str | Path | None = None) -> Path:
+    """Put an already computed token stream of `texts` (tokenize_until's) where token_stream looks for it,
+    so that packing the same texts does not tokenise them again."""
+    path = _stream_path(texts, tokenizer, cache_dir)
+    if not path.exists():
+        _save_atomic(path, np.asarray(stream, dtype=stream_dtype(tokenizer)))
+    return path
 
 
 def token_slices(budgets: dict[str, int], available: int) -> dict[str, tuple[int, int]]:
@@ -384,15 +443,19 @@ def token_stream(texts: Sequence[str], tokenizer, cache_dir: str | Path | None =
     The cache file is keyed by the texts and the tokenizer (its full serialised form), so a changed
     corpus or tokenizer never reuses a stale file. cache_dir: default $ZEBRA_CACHE/tokens.
     """
-    path = Path(cache_dir or cache_root() / "tokens") / f"{_fingerprint(texts, tokenizer)}.npy"
+    path = _stream_path(texts, tokenizer, cache_dir)
     if not path.exists():
         log.info("tokenising %d documents -> %s", len(texts), path)
         _save_atomic(path, _stream_array(texts, tokenizer))
     return np.load(path, mmap_mode="r")
 
 
+def _stream_path(texts: Sequence[str], tokenizer, cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or cache_root() / "tokens") / f"{_fingerprint(texts, tokenizer)}.npy"
+
+
 def _stream_array(texts: Sequence[str], tokenizer, block_tokens: int = 1 << 22) -> np.ndarray:
-    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32  # halves the cache for small vocabularies
+    dtype = stream_dtype(tokenizer)
     blocks, block = [], []  # numpy blocks: a list of Python ints costs ~10x the memory
     for ids in tqdm(tokenize(texts, tokenizer), total=len(texts), desc="tokenise", unit="doc", leave=False,
                     mininterval=5):

@@ -8,11 +8,12 @@ import pytest
 from transformers import AutoTokenizer
 
 import jobs.context
+import zebra.data
 from cluster.storage import LocalStorage
 from jobs.context import Context, sequences, token_budgets
 from jobs.spec import load_spec
 from tests.jobs.conftest import teacher_dir  # noqa: F401 (module fixture)
-from zebra.data import packed_sequences, tokenize
+from zebra.data import packed_sequences, tokenize, tokenize_until
 
 N_DOCS = 200
 
@@ -32,14 +33,15 @@ def setup(teacher_dir, tmp_path, monkeypatch):  # noqa: F811
     })
     ctx = Context(storage=LocalStorage(tmp_path / "store"), scratch=tmp_path / "scratch", teacher_dir=str(teacher_dir),
                   local_storage=True, num_mla=1)
-    read = []  # the documents sequences() kept, per call of texts_for_tokens
-    real = jobs.context.texts_for_tokens
+    read = []  # the documents sequences() kept, per call of tokenize_until
+    real = jobs.context.tokenize_until
 
     def recording(*args, **kwargs):
-        read.append(real(*args, **kwargs))
-        return read[-1]
+        texts, stream = real(*args, **kwargs)
+        read.append(texts)
+        return texts, stream
 
-    monkeypatch.setattr(jobs.context, "texts_for_tokens", recording)
+    monkeypatch.setattr(jobs.context, "tokenize_until", recording)
     jobs.context._texts.cache_clear()
     yield spec, ctx, docs, read
     jobs.context._texts.cache_clear()
@@ -55,12 +57,18 @@ def _intervals(rows: np.ndarray, full: np.ndarray, seq_len: int) -> list[tuple[i
     return out
 
 
-def test_slices_are_disjoint_and_only_the_needed_text_is_read(setup):
+def test_slices_are_disjoint_and_only_the_needed_text_is_read(setup, monkeypatch):
     spec, ctx, docs, read = setup
     budgets = token_budgets(spec)
     assert budgets == {"held_out": 3 * 24, "ild": 160, "kd": 240}
+
+    def tokenising_again(*args):
+        raise AssertionError("the corpus was tokenised a second time to pack it")
+
+    monkeypatch.setattr(zebra.data, "_stream_array", tokenising_again)  # the one pass stored its stream
     ild, held16 = sequences(spec, ctx, 16, "ild")
     kd, held24 = sequences(spec, ctx, 24, "kd")
+    monkeypatch.undo()
     assert held16.shape == (3, 16) and held24.shape == (3, 24) and ild.dtype == np.int64
     assert len(read) == 1  # read once for both seq_lens
     texts = read[0]  # the first documents, in order, and not all of them
@@ -92,3 +100,26 @@ def test_a_disabled_stage_has_no_slice(setup):
         sequences(spec, ctx, 24, "kd")
     with pytest.raises(ValueError, match="'dpo'"):
         sequences(spec, ctx, 24, "dpo")
+
+
+def test_ray_tasks_tokenise_as_the_driver_does(ray_session, teacher_dir):  # noqa: F811
+    """The parallel chunk map (Ray tasks, a few chunks in flight) gives tokenize_until the same documents and
+    the same token stream as tokenising in the driver, and stops reading where the driver stops."""
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    rng = random.Random(1)
+    docs = [" ".join(rng.choice("one two three four five six".split()) for _ in range(rng.randint(1, 40)))
+            for _ in range(300)]
+    pulled = []
+
+    def corpus():
+        for doc in docs:
+            pulled.append(doc)
+            yield doc
+
+    want_texts, want = tokenize_until(iter(docs), tok, 2000, chunk_docs=16)
+    got_texts, got = tokenize_until(corpus(), tok, 2000, chunk_docs=16,
+                                    map_chunks=jobs.context.parallel_chunk_map(str(teacher_dir), in_flight=3))
+    assert got_texts == want_texts and len(want_texts) < len(docs)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert np.array_equal(want, np.concatenate([np.array(ids) for ids in tokenize(want_texts, tok)]))
+    assert len(pulled) <= len(want_texts) + 3 * 16  # read ahead by no more than the chunks in flight
