@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # per-step reports of a small run would stall; an embedded cluster polls faster.
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 PROBE_TIMEOUT_S = 10.0
+# Ray Train's placement-group cleaner asks the State API (served by the dashboard) whether the controller
+# lives, once a second; an embedded Ray runs no dashboard, so it warned a hundred times a run.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
 class ClusterUnreachable(ConnectionError):
@@ -59,6 +62,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         log.info("joined the Ray cluster at %s", address)
         return f"joined {address}"
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)  # inherited by the embedded cluster's processes
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": "cluster.connect.embedded_worker_setup"})
     log.info("started an embedded Ray with %s CPUs", num_cpus or "all")
     return "embedded"
+
+
+def embedded_worker_setup() -> None:
+    """Every process of an embedded Ray runs this first (Ray's worker_process_setup_hook): loggers that
+    only report the missing dashboard's State API are kept to errors. (The cleaner they belong to frees a
+    dead controller's placement groups; an embedded cluster ends with its driver anyway.)"""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

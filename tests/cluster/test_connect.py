@@ -6,6 +6,7 @@ cluster, num_cpus and num_gpus must not be provided".)
 Each test runs connect in a child process whose RAY_TMPDIR is a folder of the test's own, so the
 cluster it meets (and the address file in <RAY_TMPDIR>/ray) is the test's, not the machine's.
 """
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,10 @@ import ray
 from cluster.connect import connect
 how = connect(None, 2)
 print("connect:", how, ray.cluster_resources().get("CPU"), ray.get_runtime_context().gcs_address)
+import logging
+from cluster.connect import QUIET_LOGGERS
+level = ray.get(ray.remote(lambda: min(logging.getLogger(n).getEffectiveLevel() for n in QUIET_LOGGERS)).remote())
+print("worker log level:", level)
 """
 
 
@@ -33,6 +38,8 @@ def connect_in_child(ray_tmpdir: Path) -> tuple[str, float, str]:
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("connect:"))
     _, how, cpus, address = line.split()
+    level = next(line for line in done.stdout.splitlines() if line.startswith("worker log level:")).split()[-1]
+    assert int(level) == logging.ERROR  # the embedded Ray's workers ran cluster.connect.embedded_worker_setup
     return how, float(cpus), address
 
 
