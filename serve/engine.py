@@ -390,19 +390,28 @@ class _PaddedRows:
     def prefill(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """Add a row for prompt ids [seq]; its logits [seq or 1, vocab]."""
         out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=0 if all_logits else 1)
-        new = getattr(out, CACHE_KEY)
+        self._join(getattr(out, CACHE_KEY), len(ids), 1)
+        return out.logits[0]
+
+    def prefill_many(self, ids: torch.Tensor) -> torch.Tensor:
+        """Add rows for prompts ids [rows, seq] of one length, in one forward; their last logits [rows, vocab]."""
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self._join(getattr(out, CACHE_KEY), ids.shape[1], ids.shape[0])
+        return out.logits[:, -1]
+
+    def _join(self, new, length: int, rows: int) -> None:
+        """Append the rows of a prefill's cache (all `length` tokens long), both sides left-padded to one width."""
         if any(type(layer) is not DynamicLayer for layer in new.layers):  # e.g. sliding-window layers
             raise TypeError(f"{type(self.model).__name__}: the engine batches full-attention DynamicLayer caches only")
         if self.cache is None:
-            self.cache, self.width = new, len(ids)
+            self.cache, self.width = new, length
         else:
-            width = max(self.width, len(ids))
+            width = max(self.width, length)
             for old, add in zip(self.cache.layers, new.layers):
                 old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(add.keys, width)])
                 old.values = torch.cat([_left_pad(old.values, width), _left_pad(add.values, width)])
             self.width = width
-        self.lengths.append(len(ids))
-        return out.logits[0]
+        self.lengths += [length] * rows
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] after feeding tokens [n], one per running row."""
@@ -464,6 +473,13 @@ class _SlotRows:
         if all_logits:  # the decoder keeps the last position only; echoed log-probs need every one
             return self.model(input_ids=ids[None], use_cache=False).logits[0]
         return last[None]
+
+    def prefill_many(self, ids: torch.Tensor) -> torch.Tensor:
+        """Prefill prompts ids [rows, seq] of one length into the next free rows, in one pass; their last
+        logits [rows, vocab]."""
+        last = self.decoder.prefill_rows(ids, self.n)
+        self.n += ids.shape[0]
+        return last
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] after feeding tokens [n] to rows 0..n-1."""
@@ -682,6 +698,7 @@ class Engine:
                     if not (request.cancelled or fits):
                         return
                     self._waiting.popleft()
+                    group = [request] + self._same_length_followers(request, tokens)
             if scored:
                 for batch in self._score_batches([r for r in scored if not r.cancelled]):
                     try:
@@ -694,10 +711,40 @@ class Engine:
             if request.cancelled:
                 continue
             try:
-                self._prefill(request)
-            except Exception as e:  # noqa: BLE001  this prompt fails, the batch goes on
-                log.exception("prefill failed for a prompt of %d tokens", len(request.prompt.ids))
-                request.fail(f"prefill failed: {type(e).__name__}: {e}")
+                if len(group) > 1:
+                    self._prefill_together(group)
+                else:
+                    self._prefill(request)
+            except Exception as e:  # noqa: BLE001  these prompts fail, the batch goes on
+                log.exception("prefill failed for %d prompt(s) of %d tokens", len(group), len(request.prompt.ids))
+                for r in group:
+                    r.fail(f"prefill failed: {type(e).__name__}: {e}")
+
+    def _same_length_followers(self, head: _Request, tokens: list[int]) -> list[_Request]:
+        """Pop the requests right behind `head` (caller holds the lock) whose prompts have its length and that
+        fit beside it, to be prefilled with it in one forward of at most score_tokens tokens; none when head
+        needs every position's log-probs (echo). tokens: the batch's footprint with head, extended in place."""
+        n = len(head.prompt.ids)
+        group: list[_Request] = []
+        if head.prompt.echo or head.cancelled:
+            return group
+        while self._waiting and (len(group) + 2) * n <= self.score_tokens:
+            nxt = self._waiting[0]
+            if nxt.cancelled or nxt.prompt.echo or len(nxt.prompt.ids) != n:
+                break
+            more = tokens + [nxt.tokens]
+            if len(more) > self.max_batch or self.rows.footprint(more) > self.cache_budget:
+                break
+            tokens.append(nxt.tokens)
+            group.append(self._waiting.popleft())
+        return group
+
+    def _prefill_together(self, group: list[_Request]) -> None:
+        """Prompts of one length prefilled in one forward; they join the batch."""
+        ids = torch.tensor([r.prompt.ids for r in group], device=self.device)
+        last = self.rows.prefill_many(ids).float()
+        self._logits = last if self._logits is None else torch.cat([self._logits, last])
+        self._running.extend(group)
 
     def _score_batches(self, requests: list[_Request]) -> list[list[_Request]]:
         """Requests grouped shortest first into batches of at most score_tokens padded tokens (a longer

@@ -151,6 +151,32 @@ def test_a_one_token_request_arriving_while_others_are_scored_is_scored_too(engi
     assert done["late"].completion.output_ids == [] and len(done["late"].completion.token_logprobs) == 5
 
 
+def test_waiting_prompts_of_one_length_are_prefilled_together(engine):
+    """Prompts of one length that wait together are prefilled in one forward (the hybrid: Decoder.prefill_rows
+    into consecutive cache rows; the teacher: one cache padded into the batch), within the batch's slots, and
+    each answer equals the same request served alone; a prompt of another length is prefilled on its own."""
+    batched = Engine(engine.model, engine.tokenizer, max_batch=4)
+    groups = []
+    many, one = batched.rows.prefill_many, batched.rows.prefill
+    batched.rows.prefill_many = lambda ids: (groups.append(ids.shape[0]), many(ids))[1]
+    batched.rows.prefill = lambda ids, all_logits: (groups.append(1), one(ids, all_logits))[1]
+    prompts = [Prompt(random_ids(7, 70 + i), greedy(3 + i)) for i in range(5)] + [Prompt(random_ids(5, 79), greedy(4))]
+    done: dict[int, object] = {}
+    with batched._wake:  # all waiting at once, as under concurrent load
+        for i, prompt in enumerate(prompts):
+            batched.submit(prompt, lambda u, i=i: done.__setitem__(i, u))
+    deadline = time.monotonic() + 60
+    while len(done) < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("prefill groups", groups)
+    assert groups == [4, 1, 1]  # four slots: the first four of length 7 together; the rest as slots free up
+    for i, prompt in enumerate(prompts):
+        assert done[i].error is None
+        alone = engine.complete([prompt])[0]
+        assert done[i].completion.output_ids == alone.output_ids
+    batched.close()
+
+
 def test_interleaved_requests_equal_each_served_alone(engine):
     """Requests of different lengths join a running batch of 3 slots as others leave (continuous
     batching); every greedy answer equals the same request served alone."""
