@@ -19,14 +19,23 @@ def log_once(logger: logging.Logger, message: str) -> None:
         _log_cached(logger.name, message)
 
 
-def use_kernel(logger: logging.Logger, op: str, kernel: str, reason: str | None, backend: str) -> bool:
-    """The end of every dispatch point: True for the Triton kernel when nothing stops it (reason None);
-    otherwise RuntimeError under backend "triton", else False for the PyTorch reference. The choice is
-    logged once, with the kernel's name (kernel, may be "") or the reason."""
+# Per kind of kernel: how the log names it, the backend that insists on it, and the end of its error.
+KINDS = {
+    "triton": ("Triton kernel", "backend='triton'", "use 'auto' or 'torch'"),
+    "cuda": ("CUDA kernel", "mamba_backend='cuda'", "use 'auto' or 'torch', or install the kernel"),
+}
+
+
+def use_kernel(logger: logging.Logger, op: str, kernel: str, reason: str | None, backend: str,
+               kind: str = "triton") -> bool:
+    """The end of every dispatch point: True for the kernel (kind "triton" or "cuda") when nothing stops it
+    (reason None); otherwise RuntimeError when backend insists on that kind, else False for the PyTorch
+    reference. The choice is logged once, with the kernel's name (kernel, may be "") or the reason."""
+    label, insists, hint = KINDS[kind]
     if reason is None:
-        log_once(logger, f"{op}: Triton kernel{' ' + kernel if kernel else ''}")
+        log_once(logger, f"{op}: {label}{' ' + kernel if kernel else ''}")
         return True
-    if backend == "triton":
-        raise RuntimeError(f"{op}: backend='triton' but {reason}; use 'auto' or 'torch'")
+    if backend == kind:
+        raise RuntimeError(f"{op}: {insists} but {reason}; {hint}")
     log_once(logger, f"{op}: PyTorch reference ({reason})")
     return False

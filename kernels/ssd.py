@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import log_once, use_kernel
+from kernels.dispatch import use_kernel
 
 # Our Triton kernels, imported up front so that `_load` finds them in sys.modules: torch.compile traces that
 # lookup, where an import inside a compiled forward would break its graph. Without triton, `_load` says why.
@@ -194,13 +194,7 @@ def _choose(op: str, backend: str, x: torch.Tensor, module: str, attr: str, unsu
             fn, reason = _load(module, attr)
             if fn is not None and unsupported:
                 fn, reason = None, unsupported
-    if fn is not None:
-        log_once(log, f"{op}: CUDA kernel {module}.{attr}")
-        return fn
-    if backend == "cuda":
-        raise RuntimeError(f"{op}: mamba_backend='cuda' but {reason}; use 'auto' or 'torch', or install the kernel")
-    log_once(log, f"{op}: PyTorch reference ({reason})")
-    return None
+    return fn if use_kernel(log, op, f"{module}.{attr}", None if fn is not None else reason, backend, "cuda") else None
 
 
 def _ssd_triton(x, chunk_size: int, backend: str):
