@@ -517,7 +517,8 @@ class Engine:
     Requests of at most one new token (lm-eval's log-likelihood requests: echo, logprobs, max_tokens 1)
     never join the batch: the waiting ones are scored together, shortest first, in right-padded forwards
     of at most score_tokens padded tokens (default 16,384 on a GPU, 2,048 on the CPU) without a cache;
-    in a causal model the padding after a prompt changes none of its positions.
+    in a causal model the padding after a prompt changes none of its positions. Waiting prompts of one
+    length are prefilled together, as many as fit in the free slots and score_tokens.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 64, max_len: int | None = None,
@@ -543,7 +544,8 @@ class Engine:
             self.rows = _PaddedRows(model, self.sequence_bytes)
         log.info("engine: %d sequences at most, cache budget %.1f MiB, %d bytes per token of context",
                  self.max_batch, self.cache_budget / 2**20, kv_bytes_per_token(model.config, self.dtype))
-        self._waiting: deque[_Request] = deque()
+        self._waiting: deque[_Request] = deque()  # requests that will decode, first come first served
+        self._scoring: list[_Request] = []  # requests of at most one new token: scored, never in the batch
         self._running: list[_Request] = []
         self._logits: torch.Tensor | None = None  # [running, vocab]: what each running row samples from next
         self._wake = threading.Condition()
@@ -612,7 +614,7 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
                 self._thread.start()
-            self._waiting.append(request)
+            (self._scoring if prompt.sampling.max_tokens <= 1 else self._waiting).append(request)
             self._wake.notify()
         return request
 
@@ -663,10 +665,10 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._waiting or self._running or self._closed):
+                while not (self._waiting or self._scoring or self._running or self._closed):
                     self._wake.wait()
                 if self._closed:
-                    for request in [*self._waiting, *self._running]:
+                    for request in [*self._waiting, *self._scoring, *self._running]:
                         request.fail("engine: closed")
                     return
             self._admit()
@@ -686,12 +688,10 @@ class Engine:
         pass under the lock scores what waits to be scored before it admits the next one.)"""
         while True:
             with self._wake:
-                scored = [r for r in self._waiting if r.prompt.sampling.max_tokens <= 1]
-                if scored:
-                    self._waiting = deque(r for r in self._waiting if r.prompt.sampling.max_tokens > 1)
-                elif not self._waiting:
-                    return
-                else:
+                scored, self._scoring = self._scoring, []
+                if not scored:
+                    if not self._waiting:
+                        return
                     request = self._waiting[0]
                     tokens = [r.tokens for r in self._running] + [request.tokens]
                     fits = len(tokens) <= self.max_batch and self.rows.footprint(tokens) <= self.cache_budget
