@@ -124,7 +124,7 @@ def _texts(source: str, split: str, text_field: str, name: str | None, endpoint:
     as the local copy."""
     if source.startswith("s3://"):
         source = str(fetch_uri(source, endpoint))
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir)
     chunk_map = parallel_chunk_map(tokenizer_dir) if tokens >= PARALLEL_TOKENS and ray.is_initialized() else None
     parallel = chunk_map is not None
     start = time.perf_counter()
@@ -168,6 +168,7 @@ def parallel_chunk_map(tokenizer_dir: str, in_flight: int | None = None) -> Chun
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(tokenizer_dir: str):
+    """The run's tokenizer, loaded once per process (every stage's sequences() asks for it)."""
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
@@ -190,7 +191,7 @@ def sequences(spec: JobSpec, ctx: Context, seq_len: int, stage: str = "ild") -> 
     slack = 2 * len(budgets) * longest_seq_len(spec)  # rows_of drops a partial row at each end of each range
     texts = _texts(d.source, d.split, d.text_field, d.hub_config, spec.storage.s3_endpoint_url, ctx.teacher_dir,
                    sum(budgets.values()) + slack, str(ctx.scratch / "data"))
-    tok = AutoTokenizer.from_pretrained(ctx.teacher_dir)
+    tok = _tokenizer(ctx.teacher_dir)
     seqs = packed_sequences(list(texts), tok, seq_len, cache_dir=ctx.scratch / "data").astype(np.int64)
     ranges = token_slices(budgets, len(seqs) * seq_len)
     n_held = d.held_out_sequences
