@@ -179,8 +179,9 @@ def sequences(spec: JobSpec, ctx: Context, seq_len: int, stage: str = "ild") -> 
     disjoint token ranges held_out | ild | kd (zebra.data.token_slices; the same ranges at every
     seq_len, so the held-out text is in no stage's training rows and ILD and KD train on different
     text); stage picks "ild" or "kd". The held-out rows are the first data.held_out_sequences whole
-    rows of the held-out range. A corpus shorter than the budgets shrinks every range in proportion
-    (token_slices warns), measured at this seq_len.
+    rows of the held-out range. A corpus shorter than the budgets keeps the held-out range whole and shrinks
+    the training ranges in proportion (token_slices warns; each stage repeats its rows over epochs),
+    measured at this seq_len.
     """
     if stage not in DATA_SLICES[1:]:
         raise ValueError(f"sequences: stage {stage!r} has no data slice; expected one of {DATA_SLICES[1:]}")
@@ -193,7 +194,7 @@ def sequences(spec: JobSpec, ctx: Context, seq_len: int, stage: str = "ild") -> 
                    sum(budgets.values()) + slack, str(ctx.scratch / "data"))
     tok = _tokenizer(ctx.teacher_dir)
     seqs = packed_sequences(list(texts), tok, seq_len, cache_dir=ctx.scratch / "data").astype(np.int64)
-    ranges = token_slices(budgets, len(seqs) * seq_len)
+    ranges = token_slices(budgets, len(seqs) * seq_len, fixed=("held_out",))
     n_held = d.held_out_sequences
     held = seqs[rows_of(ranges["held_out"], seq_len)][:n_held] if n_held else seqs[:0]
     if len(held) < n_held:

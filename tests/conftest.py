@@ -88,6 +88,8 @@ def init_ray(attempts: int = 3, **kwargs):
         return None
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("address", "local")
+    # the embedded cluster's quiet State-API loggers, as cluster.connect starts it
+    kwargs.setdefault("runtime_env", {"worker_process_setup_hook": "cluster.connect.embedded_worker_setup"})
     for attempt in range(attempts):
         try:
             return ray.init(**kwargs)

@@ -390,24 +390,33 @@ def store_token_stream(texts: Sequence[str], tokenizer, stream: np.ndarray, cach
     return path
 
 
-def token_slices(budgets: dict[str, int], available: int) -> dict[str, tuple[int, int]]:
+def token_slices(budgets: dict[str, int], available: int, fixed: Sequence[str] = ()) -> dict[str, tuple[int, int]]:
     """Disjoint [start, stop) token ranges of the packed corpus, one per consumer, in budgets' order.
 
     budgets: tokens each consumer wants, e.g. {"held_out": 16 * 1024, "ild": 2_000_000, "kd": 5_000_000}.
     available: tokens of the packed corpus (rows x seq_len). Packing concatenates the documents in
     order, so token t is the same token at every seq_len (up to the dropped tail): one set of ranges
     serves stages that pack at different lengths (rows_of).
-    When the budgets exceed the corpus, every range shrinks in proportion, with a warning (a stage
-    then repeats its data over epochs); ValueError naming the consumer that would get no token.
+    fixed: consumers that always get their whole budget (the held-out rows: a figure over fewer rows is
+    another figure).
+    When the budgets exceed the corpus, every other range shrinks in proportion to what the fixed ones
+    leave, with a warning (a training stage then repeats its data over epochs); ValueError where the
+    fixed budgets alone exceed the corpus, or naming the consumer that would get no token.
     """
-    wanted = sum(budgets.values())
-    scale = min(1.0, available / wanted) if wanted else 1.0
+    unknown = [name for name in fixed if name not in budgets]
+    if unknown:
+        raise ValueError(f"data: fixed consumers {unknown} have no budget in {sorted(budgets)}")
+    kept = sum(budgets[name] for name in fixed)
+    if kept > available:
+        raise ValueError(f"data: {', '.join(fixed)} need {kept} tokens, the corpus holds {available}")
+    wanted = sum(budget for name, budget in budgets.items() if name not in fixed)
+    scale = min(1.0, (available - kept) / wanted) if wanted else 1.0
     if scale < 1.0:
         log.warning("data: the stages want %d tokens, the corpus holds %d; each gets %.0f%% of its budget "
-                    "and repeats it", wanted, available, 100 * scale)
+                    "and repeats it %.2f times", wanted + kept, available, 100 * scale, 1 / max(scale, 1e-9))
     slices, start = {}, 0
     for name, budget in budgets.items():
-        size = int(budget * scale)
+        size = budget if name in fixed else int(budget * scale)
         if size < 1:
             raise ValueError(f"data: {name} gets no tokens of the corpus ({available} tokens for budgets {budgets})")
         slices[name] = (start, start + size)

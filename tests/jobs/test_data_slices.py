@@ -92,6 +92,26 @@ def test_slices_are_disjoint_and_only_the_needed_text_is_read(setup, monkeypatch
     assert all(budgets["held_out"] + 160 <= s for s, _ in spans["kd"])
 
 
+def test_a_short_corpus_keeps_every_held_out_row_and_shrinks_the_training_slices(setup, caplog):
+    """Budgets beyond the corpus (a stage meant to repeat its data): the held-out rows are still all there
+    and the same rows as with room to spare; ILD and KD share the rest, disjoint, and the log says so."""
+    spec, ctx, docs, _ = setup
+    _, held_before = sequences(spec, ctx, 24, "kd")
+    jobs.context._texts.cache_clear()
+    big = spec.model_copy(update={"kd": spec.kd.model_copy(update={"tokens": 8000})})
+    ild, held16 = sequences(big, ctx, 16, "ild")
+    kd, held24 = sequences(big, ctx, 24, "kd")
+    assert held16.shape == (3, 16) and held24.shape == (3, 24)
+    np.testing.assert_array_equal(held24, held_before)
+    assert "repeats it" in caplog.text
+    tok = AutoTokenizer.from_pretrained(ctx.teacher_dir)
+    full16 = packed_sequences(list(docs), tok, 16)
+    full24 = packed_sequences(list(docs), tok, 24)
+    ild_end = max(b for _, b in _intervals(ild, full16, 16))
+    assert ild_end <= min(a for a, _ in _intervals(kd, full24, 24))  # ILD before KD, no overlap
+    assert len(kd) > 10 * len(ild)  # the proportion of the budgets: KD wanted 50x ILD's 160 tokens
+
+
 def test_a_disabled_stage_has_no_slice(setup):
     spec, ctx, _, _ = setup
     spec = spec.model_copy(update={"kd": spec.kd.model_copy(update={"enabled": False})})

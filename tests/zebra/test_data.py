@@ -208,6 +208,15 @@ def test_token_slices_are_disjoint_and_map_to_rows(caplog):
     assert "repeats" in caplog.text
     with pytest.raises(ValueError, match="held_out gets no tokens"):
         data.token_slices({"held_out": 1, "kd": 10_000}, 100)
+    # a fixed consumer keeps its whole budget; the others share what is left in proportion
+    kept = data.token_slices(budgets, 2100, fixed=("held_out",))
+    assert kept == {"held_out": (0, 100), "ild": (100, 600), "kd": (600, 2100)}
+    assert "repeats it 2.00 times" in caplog.text
+    assert data.token_slices(budgets, 10_000, fixed=("held_out",)) == got  # room for all: unchanged
+    with pytest.raises(ValueError, match="held_out need 100 tokens, the corpus holds 99"):
+        data.token_slices(budgets, 99, fixed=("held_out",))
+    with pytest.raises(ValueError, match=r"fixed consumers \['eval'\]"):
+        data.token_slices(budgets, 10_000, fixed=("eval",))
     with pytest.raises(ValueError, match="no whole sequence of seq_len 64"):
         data.rows_of((10, 70), 64)
 
