@@ -13,8 +13,10 @@ Two cache paths, one engine:
   CUDA graph per batch bucket on the GPU); rows 0..n-1 are the running sequences, each at its own
   length; a leaving row is replaced by the last one (copy_row).
 - Plain HF causal LMs (the Llama teacher): HF's DynamicCache holding the running rows left-padded to
-  one width, with a padding mask and per-row position ids (as batched `generate` does); a new row is
-  prefilled alone and padded into the batch, a leaving row is dropped with index_select.
+  one width, with a padding mask and per-row position ids (as batched `generate` does); new rows are
+  prefilled and padded into the batch, a leaving row is dropped with index_select.
+Prompts waiting together, of any lengths, are prefilled in one padded forward (right-padded into the
+hybrid's rows, `Decoder.prefill_rows` with lengths; left-padded for a teacher) and join the batch at once.
 """
 from __future__ import annotations
 
@@ -390,28 +392,39 @@ class _PaddedRows:
     def prefill(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """Add a row for prompt ids [seq]; its logits [seq or 1, vocab]."""
         out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=0 if all_logits else 1)
-        self._join(getattr(out, CACHE_KEY), len(ids), 1)
+        self._join(getattr(out, CACHE_KEY), [len(ids)])
         return out.logits[0]
 
-    def prefill_many(self, ids: torch.Tensor) -> torch.Tensor:
-        """Add rows for prompts ids [rows, seq] of one length, in one forward; their last logits [rows, vocab]."""
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        self._join(getattr(out, CACHE_KEY), ids.shape[1], ids.shape[0])
+    def prefill_many(self, prompts: list[tuple[int, ...]]) -> torch.Tensor:
+        """Add rows for prompts of any lengths in one left-padded forward (a padding mask and each row's own
+        position ids, as HF's batched generate does); their last logits [rows, vocab]."""
+        lengths = [len(p) for p in prompts]
+        width, device = max(lengths), self.model.device
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+        cols = torch.arange(width)
+        mask = (cols >= width - torch.tensor(lengths)[:, None]).long()
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1)
+        self._join(getattr(out, CACHE_KEY), lengths)
         return out.logits[:, -1]
 
-    def _join(self, new, length: int, rows: int) -> None:
-        """Append the rows of a prefill's cache (all `length` tokens long), both sides left-padded to one width."""
+    def _join(self, new, lengths: list[int]) -> None:
+        """Append the rows of a prefill's cache (row i holds lengths[i] tokens, left-padded to the longest),
+        both sides left-padded to one width."""
         if any(type(layer) is not DynamicLayer for layer in new.layers):  # e.g. sliding-window layers
             raise TypeError(f"{type(self.model).__name__}: the engine batches full-attention DynamicLayer caches only")
         if self.cache is None:
-            self.cache, self.width = new, length
+            self.cache, self.width = new, max(lengths)
         else:
-            width = max(self.width, length)
+            width = max(self.width, *lengths)
             for old, add in zip(self.cache.layers, new.layers):
                 old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(add.keys, width)])
                 old.values = torch.cat([_left_pad(old.values, width), _left_pad(add.values, width)])
             self.width = width
-        self.lengths += [length] * rows
+        self.lengths += lengths
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] after feeding tokens [n], one per running row."""
@@ -454,11 +467,11 @@ class _SlotRows:
     steps on the GPU): row i of the batch is cache row i. A prompt is prefilled into the row after the
     last, a step runs rows 0..n-1, and a leaving row is overwritten by the last one (copy_row)."""
 
-    def __init__(self, model, max_batch: int, max_len: int, sequence_bytes: Callable[[int], int]):
+    def __init__(self, model, max_batch: int, max_len: int, sequence_bytes: Callable[[int], int], prefill_chunk: int):
         from zebra.decode import Decoder
 
         self.model, self.sequence_bytes = model, sequence_bytes
-        self.decoder = Decoder(model, max_batch, max_len)
+        self.decoder = Decoder(model, max_batch, max_len, prefill_chunk=prefill_chunk)
         self.cache = self.decoder.cache
         self.n = 0
 
@@ -474,11 +487,15 @@ class _SlotRows:
             return self.model(input_ids=ids[None], use_cache=False).logits[0]
         return last[None]
 
-    def prefill_many(self, ids: torch.Tensor) -> torch.Tensor:
-        """Prefill prompts ids [rows, seq] of one length into the next free rows, in one pass; their last
-        logits [rows, vocab]."""
-        last = self.decoder.prefill_rows(ids, self.n)
-        self.n += ids.shape[0]
+    def prefill_many(self, prompts: list[tuple[int, ...]]) -> torch.Tensor:
+        """Prefill prompts of any lengths into the next free rows, right-padded in one pass (Decoder.prefill_rows
+        with lengths, in chunks of at most prefill_chunk tokens); their last logits [rows, vocab]."""
+        lengths = [len(p) for p in prompts]
+        ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        last = self.decoder.prefill_rows(ids, self.n, None if len(set(lengths)) == 1 else torch.tensor(lengths))
+        self.n += len(prompts)
         return last
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -516,9 +533,11 @@ class Engine:
 
     Requests of at most one new token (lm-eval's log-likelihood requests: echo, logprobs, max_tokens 1)
     never join the batch: the waiting ones are scored together, shortest first, in right-padded forwards
-    of at most score_tokens padded tokens (default 16,384 on a GPU, 2,048 on the CPU) without a cache;
-    in a causal model the padding after a prompt changes none of its positions. Waiting prompts of one
-    length are prefilled together, as many as fit in the free slots and score_tokens.
+    of at most score_tokens padded tokens (default 16,384 on a GPU, 2,048 on the CPU) without a cache (a
+    hybrid's prefills run in forwards of at most score_tokens tokens too: Decoder.prefill_chunk);
+    in a causal model the padding after a prompt changes none of its positions. Waiting prompts of any
+    lengths are prefilled together in one padded forward, first come first served, as many as fit in the
+    free slots, the cache budget and score_tokens padded tokens (rows x longest); an echoed prompt alone.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 64, max_len: int | None = None,
@@ -539,7 +558,7 @@ class Engine:
             if self.max_batch < 1:
                 raise ValueError(f"cache_budget_bytes {self.cache_budget}: less than one sequence of max_len "
                                  f"{self.max_len} tokens ({self.sequence_bytes(self.max_len)} bytes); lower max_len")
-            self.rows = _SlotRows(model, self.max_batch, self.max_len, self.sequence_bytes)
+            self.rows = _SlotRows(model, self.max_batch, self.max_len, self.sequence_bytes, self.score_tokens)
         else:
             self.rows = _PaddedRows(model, self.sequence_bytes)
         log.info("engine: %d sequences at most, cache budget %.1f MiB, %d bytes per token of context",
@@ -698,7 +717,7 @@ class Engine:
                     if not (request.cancelled or fits):
                         return
                     self._waiting.popleft()
-                    group = [request] + self._same_length_followers(request, tokens)
+                    group = [request] + self._followers(request, tokens)
             if scored:
                 for batch in self._score_batches([r for r in scored if not r.cancelled]):
                     try:
@@ -710,39 +729,45 @@ class Engine:
                 continue
             if request.cancelled:
                 continue
-            try:
-                if len(group) > 1:
+            if len(group) > 1:
+                try:
                     self._prefill_together(group)
-                else:
-                    self._prefill(request)
-            except Exception as e:  # noqa: BLE001  these prompts fail, the batch goes on
-                log.exception("prefill failed for %d prompt(s) of %d tokens", len(group), len(request.prompt.ids))
-                for r in group:
+                    continue
+                except Exception:  # noqa: BLE001  one bad prompt must not fail the others: each is retried alone
+                    log.exception("prefill of %d prompts together failed; prefilling each alone", len(group))
+            for r in group:
+                try:
+                    self._prefill(r)
+                except Exception as e:  # noqa: BLE001  this prompt fails, the batch goes on
+                    log.exception("prefill failed for a prompt of %d tokens", len(r.prompt.ids))
                     r.fail(f"prefill failed: {type(e).__name__}: {e}")
 
-    def _same_length_followers(self, head: _Request, tokens: list[int]) -> list[_Request]:
-        """Pop the requests right behind `head` (caller holds the lock) whose prompts have its length and that
-        fit beside it, to be prefilled with it in one forward of at most score_tokens tokens; none when head
-        needs every position's log-probs (echo). tokens: the batch's footprint with head, extended in place."""
-        n = len(head.prompt.ids)
+    def _followers(self, head: _Request, tokens: list[int]) -> list[_Request]:
+        """Pop the requests right behind `head` (caller holds the lock), in FIFO order, that fit beside it, to
+        be prefilled with it in one padded forward of at most score_tokens tokens (rows x longest prompt); none
+        when head needs every position's log-probs (echo), and the group stops at the first echoed, cancelled
+        or unfitting request. tokens: the batch's footprint with head, extended in place."""
+        longest = len(head.prompt.ids)
         group: list[_Request] = []
         if head.prompt.echo or head.cancelled:
             return group
-        while self._waiting and (len(group) + 2) * n <= self.score_tokens:
+        while self._waiting:
             nxt = self._waiting[0]
-            if nxt.cancelled or nxt.prompt.echo or len(nxt.prompt.ids) != n:
+            if nxt.cancelled or nxt.prompt.echo:
+                break
+            if (len(group) + 2) * max(longest, len(nxt.prompt.ids)) > self.score_tokens:
                 break
             more = tokens + [nxt.tokens]
             if len(more) > self.max_batch or self.rows.footprint(more) > self.cache_budget:
                 break
             tokens.append(nxt.tokens)
+            longest = max(longest, len(nxt.prompt.ids))
             group.append(self._waiting.popleft())
         return group
 
     def _prefill_together(self, group: list[_Request]) -> None:
-        """Prompts of one length prefilled in one forward; they join the batch."""
-        ids = torch.tensor([r.prompt.ids for r in group], device=self.device)
-        last = self.rows.prefill_many(ids).float()
+        """Prompts of any lengths prefilled in one padded forward; they join the batch."""
+        last = self.rows.prefill_many([r.prompt.ids for r in group]).float()
         self._logits = last if self._logits is None else torch.cat([self._logits, last])
         self._running.extend(group)
 

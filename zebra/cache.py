@@ -10,10 +10,13 @@ conv window and the SSM state, all in fixed buffers sized at construction:
 
 A model forward with a cache takes input [b, t] with b == batch: row r's new tokens sit at positions
 lengths[r] + arange(t), an MLA layer attends to positions < lengths[r] plus the causal part of the new
-tokens, and afterwards lengths[r] += t (at most max_len). Every row is computed and updated: a row that
-holds no sequence simply collects state that reset_rows clears. Writes past max_len never go out of bounds
-(they are dropped); a forward outside torch.compile / CUDA-graph capture raises instead when a row would
-overflow.
+tokens, and afterwards lengths[r] += t (at most max_len). A right-padded (varlen) forward sets `valid`
+(int64 [b]: how many of the t new tokens of each row are real) before it runs: MLA writes all t positions
+(the pads past a row's end are overwritten by its later tokens, and causal attention keeps real tokens from
+seeing them), Mamba2 leaves its state untouched by the pads, and lengths[r] += valid[r]. Every row is
+computed and updated: a row that holds no sequence simply collects state that reset_rows clears. Writes
+past max_len never go out of bounds (they are dropped); a forward outside torch.compile / CUDA-graph capture
+raises instead when a row would overflow.
 
 The API the decoder and the serve engine build on:
     ZebraCache(config, batch_size, max_len, device=None, dtype=None)
@@ -73,7 +76,8 @@ class ZebraCache:
     def _traced_defaults(self) -> None:
         # read_len: cache positions an MLA layer reads this forward; fresh: no row holds a token.
         # A traced or static forward sees these defaults (whole buffer, not fresh); an eager one narrows them in begin().
-        self.read_len, self.fresh = self.max_len, False
+        # valid: int64 [batch] real new tokens per row of a right-padded forward (set by its caller), None: all.
+        self.read_len, self.fresh, self.valid = self.max_len, False, None
 
     # -- views and row management (the serve engine's API) ---------------------------------------
     def _map(self, fn) -> ZebraCache:
@@ -122,6 +126,8 @@ class ZebraCache:
         """
         if batch != self.batch_size:
             raise ValueError(f"input batch {batch} != cache batch_size {self.batch_size}; pass cache.narrow(start, n)")
+        if self.valid is not None and tuple(self.valid.shape) != (batch,):
+            raise ValueError(f"cache.valid has shape {tuple(self.valid.shape)}; expected one count per row ({batch},)")
         if self.static or _tracing():
             return
         longest = int(self.lengths.max())
@@ -131,8 +137,9 @@ class ZebraCache:
         self.read_len, self.fresh = longest + new, longest == 0
 
     def advance(self, new: int) -> None:
-        """Called by the model after all layers ran: lengths += new (at most max_len)."""
-        self.lengths.copy_(torch.clamp(self.lengths + new, max=self.max_len))
+        """Called by the model after all layers ran: lengths += new, or += valid when set (at most max_len)."""
+        added = new if self.valid is None else self.valid.clamp(max=new)
+        self.lengths.copy_(torch.clamp(self.lengths + added, max=self.max_len))
         self._traced_defaults()
 
     def positions(self, new: int) -> torch.Tensor:

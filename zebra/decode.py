@@ -4,6 +4,8 @@ slot, and a one-token step captured in a CUDA graph per batch-size bucket (eager
 The API the serve engine builds on:
     dec = Decoder(model, max_batch, max_len)      # dec.cache: ZebraCache [max_batch rows, max_len tokens]
     dec.prefill(ids [L], slot) -> logits [vocab]  # starts a sequence in `slot` (the row is reset first)
+    dec.prefill_rows(ids [b, L], start, lengths [b]) -> logits [b, vocab]   # prompts of different lengths,
+                                                  # right-padded, in rows start..start+b-1 (one forward per chunk)
     dec.step(tokens [n]) -> logits [n, vocab]     # one token for each of rows 0..n-1, at its own position
     dec.generate(ids [b, L], max_new_tokens, greedy=True) -> [b, L + max_new_tokens]   (built on the two)
 Rows may hold sequences of different lengths (dec.cache.lengths). On CUDA, step(n) runs the graph of the
@@ -60,24 +62,49 @@ class Decoder:
 
     # -- prefill ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill_rows(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def prefill_rows(self, ids: torch.Tensor, start: int = 0, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Start sequences ids [b, L] in rows start..start+b-1 (reset first), in forwards of at most
-        prefill_chunk tokens -> the logits after each row's last token [b, vocab]."""
-        b, length = ids.shape
-        if start + b > self.max_batch or length > self.max_len or length == 0:
-            raise ValueError(f"prefill of {b} rows x {length} tokens at row {start} does not fit the cache "
+        prefill_chunk tokens -> the logits after each row's last token [b, vocab].
+
+        lengths int [b] (1..L): row r's prompt is ids[r, :lengths[r]], the rest right padding (varlen prefill:
+        one forward for prompts of different lengths; each row ends with its own length and state). None: all L.
+        """
+        b, width = ids.shape
+        if start + b > self.max_batch or width > self.max_len or width == 0:
+            raise ValueError(f"prefill of {b} rows x {width} tokens at row {start} does not fit the cache "
                              f"({self.max_batch} rows x {self.max_len} tokens), or is empty")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=self.device).long()
+            if lengths.shape != (b,) or not bool(((lengths >= 1) & (lengths <= width)).all()):
+                raise ValueError(f"lengths {lengths.tolist()}: expected {b} prompt lengths in 1..{width}")
         self.cache.reset_rows(range(start, start + b))
         ids = ids.to(self.device)
-        chunk = min(length, self.prefill_chunk)
+        chunk = min(width, self.prefill_chunk)
         rows = max(1, self.prefill_chunk // chunk)
         last = []
         for r in range(0, b, rows):
             view = self.cache.narrow(start + r, min(rows, b - r))
-            for c in range(0, length, chunk):
-                logits = self._logits(ids[r : r + rows, c : c + chunk], view)
+            if lengths is None:
+                for c in range(0, width, chunk):
+                    logits = self._logits(ids[r : r + rows, c : c + chunk], view)
+            else:
+                logits = self._prefill_varlen(ids[r : r + rows], lengths[r : r + rows], view, chunk)
             last.append(logits)
         return torch.cat(last)
+
+    def _prefill_varlen(self, ids: torch.Tensor, lengths: torch.Tensor, view: ZebraCache, chunk: int) -> torch.Tensor:
+        """Right-padded prompts ids [b, L] with lengths [b] into the rows of `view`, `chunk` columns per forward;
+        a row whose prompt ended in an earlier chunk takes no tokens in later ones (cache.valid = 0)
+        -> logits after each row's last real token [b, vocab]."""
+        out = None
+        for c in range(0, int(lengths.max()), chunk):
+            view.valid = (lengths - c).clamp(0, chunk)
+            hidden = self.model.model(input_ids=ids[:, c : c + chunk], cache=view, use_cache=True).last_hidden_state
+            at = (lengths - c - 1).clamp(0, hidden.shape[1] - 1)
+            logits = self.model.lm_head(hidden[torch.arange(len(at), device=at.device), at])
+            ends_here = ((lengths > c) & (lengths <= c + chunk))[:, None]
+            out = logits if out is None else torch.where(ends_here, logits, out)
+        return out
 
     def prefill(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
         """Start the sequence ids [L] in row `slot` (reset first) -> the logits after its last token [vocab]."""

@@ -93,7 +93,9 @@ class Mamba2Mixer(nn.Module):
         cache: a one-token step (new == 1) or a scan from the stored conv window and SSM state (from zeros on
         a fresh prefill); the new state is stored in place. attention_mask: 0/1 left-padding mask, [batch, new]
         without a cache, one column per cache position with one; or None. Padded positions are zeroed before
-        in_proj and after the conv, so they leave the conv window and SSM state as zeros.
+        in_proj and after the conv, so they leave the conv window and SSM state as zeros. A right-padded prefill
+        (cache.valid set): dt = 0 past each row's real tokens, so exp(dt A) = 1 and the pads add nothing to the
+        SSM state, and the stored conv window ends at the row's last real token.
         """
         new = hidden_states.shape[1]
         mask = None
@@ -104,18 +106,22 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         dt = F.softplus((dt + self.dt_bias).to(dtype))
+        valid = cache.valid if cache is not None else None
+        if valid is not None:
+            dt = dt * (torch.arange(new, device=dt.device) < valid[:, None])[..., None]
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
-        if state is not None and new == 1:
+        if state is not None and new == 1 and valid is None:
             y = self._step(xbc[:, 0], dt[:, 0], *state, mask)
         else:
-            y, window, ssm = self._scan(xbc, dt, state, mask)
+            y, window, ssm = self._scan(xbc, dt, state, mask, valid)
             if cache is not None:
                 cache.set_mamba_state(self.layer_idx, window, ssm)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
-    def _scan(self, xbc, dt, state, mask):
-        """xbc [b, t, conv_dim], dt [b, t, heads], state (window, ssm) or None, mask [b, t, 1] or None
-        -> y [b, t, heads, P], window [b, conv_dim, d_conv], ssm [b, heads, P, N]."""
+    def _scan(self, xbc, dt, state, mask, valid=None):
+        """xbc [b, t, conv_dim], dt [b, t, heads], state (window, ssm) or None, mask [b, t, 1] or None, valid
+        int [b] or None (real tokens per row, the window ends at the last) -> y [b, t, heads, P],
+        window [b, conv_dim, d_conv], ssm [b, heads, P, N]."""
         window, ssm = state if state is not None else (None, None)
         conv_in = xbc.transpose(1, 2)
         initial = None if window is None else window[..., 1:]
@@ -123,7 +129,7 @@ class Mamba2Mixer(nn.Module):
                                  activation="silu").transpose(1, 2)
         x, B, C = self._heads(conv_out if mask is None else conv_out * mask)  # masked positions feed no state
         y, ssm = ssd_scan(x, dt, self._A(), B, C, self.chunk_size, D=self.D, initial_state=ssm, backend=self.backend)
-        return y, self._last_window(conv_in, window), ssm
+        return y, self._last_window(conv_in, window, valid), ssm
 
     def _step(self, xbc, dt, window, ssm, mask):
         """One token: xbc [b, conv_dim], dt [b, heads], mask [b, 1, 1] or None -> y [b, 1, heads, P]; updates
@@ -155,9 +161,14 @@ class Mamba2Mixer(nn.Module):
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
 
-    def _last_window(self, conv_in, window):
-        """The last d_conv conv inputs [b, conv_dim, d_conv], left-padded with the previous window (or zeros)."""
+    def _last_window(self, conv_in, window, valid=None):
+        """The last d_conv conv inputs [b, conv_dim, d_conv] of conv_in [b, conv_dim, t], left-padded with the
+        previous window (or zeros); with valid int [b], row r's end at its valid[r]-th input (0: the old window)."""
         k = self.conv1d.kernel_size[0]
         if window is None:
             window = conv_in.new_zeros(*conv_in.shape[:2], k)
-        return torch.cat([window.to(conv_in.dtype), conv_in[..., -k:]], dim=-1)[..., -k:]
+        if valid is None:
+            return torch.cat([window.to(conv_in.dtype), conv_in[..., -k:]], dim=-1)[..., -k:]
+        joined = torch.cat([window.to(conv_in.dtype), conv_in], dim=-1)  # input j of this call at k + j
+        index = valid[:, None] + torch.arange(k, device=valid.device)  # [b, k]: inputs valid-k .. valid-1
+        return joined.gather(-1, index[:, None, :].expand(-1, conv_in.shape[1], -1))

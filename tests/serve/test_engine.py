@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve.engine import Engine, Prompt, Sampling, check_model_dir, resolve_model_dir, sample, uniform
+from serve.engine import Engine, Prompt, Sampling, Update, _PaddedRows, check_model_dir, resolve_model_dir, sample, uniform
 
 
 @pytest.fixture(scope="module", params=["tiny_model_dir", "tiny_hybrid_dir"], ids=["llama", "zebra"])
@@ -151,39 +151,95 @@ def test_a_one_token_request_arriving_while_others_are_scored_is_scored_too(engi
     assert done["late"].completion.output_ids == [] and len(done["late"].completion.token_logprobs) == 5
 
 
-def test_waiting_prompts_of_one_length_are_prefilled_together(engine):
-    """Prompts of one length that wait together are prefilled in one forward (the hybrid: Decoder.prefill_rows
-    into consecutive cache rows; the teacher: one cache padded into the batch), within the batch's slots, and
-    each answer equals the same request served alone; a prompt of another length is prefilled on its own."""
-    batched = Engine(engine.model, engine.tokenizer, max_batch=4)
-    groups = []
-    many, one = batched.rows.prefill_many, batched.rows.prefill
-    batched.rows.prefill_many = lambda ids: (groups.append(ids.shape[0]), many(ids))[1]
-    batched.rows.prefill = lambda ids, all_logits: (groups.append(1), one(ids, all_logits))[1]
-    prompts = [Prompt(random_ids(7, 70 + i), greedy(3 + i)) for i in range(5)] + [Prompt(random_ids(5, 79), greedy(4))]
-    done: dict[int, object] = {}
-    with batched._wake:  # all waiting at once, as under concurrent load
+def count_prefills(engine: Engine) -> list[list[int]]:
+    """Wrap the engine's prefills: the list returned gets the prompt lengths of each prefill forward."""
+    groups: list[list[int]] = []
+    many, one = engine.rows.prefill_many, engine.rows.prefill
+    engine.rows.prefill_many = lambda prompts: (groups.append([len(p) for p in prompts]), many(prompts))[1]
+    engine.rows.prefill = lambda ids, all_logits: (groups.append([len(ids)]), one(ids, all_logits))[1]
+    return groups
+
+
+def serve_waiting_at_once(engine: Engine, prompts: list[Prompt]) -> dict[int, Update]:
+    """Submit prompts all at once (under the engine's lock, as under concurrent load); their last updates."""
+    done: dict[int, Update] = {}
+    with engine._wake:
         for i, prompt in enumerate(prompts):
-            batched.submit(prompt, lambda u, i=i: done.__setitem__(i, u))
+            engine.submit(prompt, lambda u, i=i: done.__setitem__(i, u))
     deadline = time.monotonic() + 60
     while len(done) < len(prompts) and time.monotonic() < deadline:
         time.sleep(0.01)
-    print("prefill groups", groups)
-    assert groups == [4, 1, 1]  # four slots: the first four of length 7 together; the rest as slots free up
+    engine.close()
+    return done
+
+
+def assert_each_as_alone(engine: Engine, prompts: list[Prompt], done: dict[int, Update]) -> None:
     for i, prompt in enumerate(prompts):
         assert done[i].error is None
         alone = engine.complete([prompt])[0]
-        assert done[i].completion.output_ids == alone.output_ids
-    batched.close()
+        print(i, len(prompt.ids), done[i].completion.output_ids, alone.output_ids)
+        assert done[i].completion.output_ids == alone.output_ids and done[i].completion.text == alone.text
+
+
+def test_waiting_prompts_of_different_lengths_are_prefilled_together(engine):
+    """Prompts of different lengths that wait together are prefilled in one padded forward (the hybrid:
+    Decoder.prefill_rows with lengths into consecutive cache rows; the teacher: one left-padded forward joined
+    to the batch), within the batch's slots, first come first served; each answer equals the same request
+    served alone."""
+    batched = Engine(engine.model, engine.tokenizer, max_batch=4)
+    groups = count_prefills(batched)
+    lengths = [7, 3, 11, 5, 6, 4]
+    prompts = [Prompt(random_ids(n, 70 + i), greedy(3 + i)) for i, n in enumerate(lengths)]
+    done = serve_waiting_at_once(batched, prompts)
+    print("prefill groups", groups)
+    assert groups == [[7, 3, 11, 5], [6], [4]]  # four slots: the first four together; the rest as slots free up
+    assert_each_as_alone(engine, prompts, done)
+
+
+def test_prefill_groups_stop_at_score_tokens_and_at_an_echo(engine):
+    """A group holds at most score_tokens padded tokens (rows x longest prompt) and never an echoed prompt,
+    which is prefilled alone (it needs every position's logits); FIFO order is kept."""
+    batched = Engine(engine.model, engine.tokenizer, max_batch=8, score_tokens=24)
+    groups = count_prefills(batched)
+    prompts = [Prompt(random_ids(n, 90 + i), greedy(4)) for i, n in enumerate([5, 3, 6, 9, 4, 2])]
+    prompts[2] = Prompt(prompts[2].ids, greedy(4), logprobs=1, echo=True)
+    done = serve_waiting_at_once(batched, prompts)
+    print("prefill groups", groups)
+    assert groups == [[5, 3], [6], [9, 4], [2]]  # 3 x 9 > 24 tokens: the 2 waits for the next group
+    assert_each_as_alone(engine, prompts, done)
+    echoed = engine.complete([prompts[2]])[0].token_logprobs[1:6]  # the prompt's, from its own forward
+    assert done[2].completion.token_logprobs[1:6] == pytest.approx(echoed, rel=1e-5)
+
+
+@torch.no_grad()
+def test_teacher_rows_prefilled_together_equal_each_alone(teacher64):
+    """The teacher's rows: prompts of 6, 2 and 9 tokens prefilled in one left-padded forward (padding mask,
+    per-row position ids) join a running row of 4 tokens; then 3 steps of all four rows. Every logit equals
+    the full forward of that row's sequence alone (float64)."""
+    rows = _PaddedRows(teacher64, lambda tokens: tokens)
+    lengths = [4, 6, 2, 9]
+    seqs = [torch.randint(3, 256, (n + 3,)) for n in lengths]
+    got = [[rows.prefill(seqs[0][:4], False)[-1]]]
+    got += [[logits] for logits in rows.prefill_many([tuple(s[:n].tolist()) for s, n in zip(seqs[1:], lengths[1:])])]
+    for t in range(3):
+        logits = rows.step(torch.stack([s[n + t] for s, n in zip(seqs, lengths)]))
+        for r in range(4):
+            got[r].append(logits[r])
+    for r, n in enumerate(lengths):
+        full = teacher64(seqs[r][None]).logits[0, n - 1 :]
+        err = float((torch.stack(got[r]) - full).norm() / full.norm())
+        print(f"row {r} ({n} prompt tokens): rel err {err:.1e}")
+        assert err < 1e-10
 
 
 def test_interleaved_requests_equal_each_served_alone(engine):
     """Requests of different lengths join a running batch of 3 slots as others leave (continuous
     batching); every greedy answer equals the same request served alone."""
     batched = Engine(engine.model, engine.tokenizer, max_batch=3)
-    joins = []  # rows already running when a prompt is prefilled
-    prefill = batched.rows.prefill
+    joins = []  # rows already running when prompts are prefilled
+    prefill, many = batched.rows.prefill, batched.rows.prefill_many
     batched.rows.prefill = lambda ids, all_logits: (joins.append(len(batched._running)), prefill(ids, all_logits))[1]
+    batched.rows.prefill_many = lambda prompts: (joins.append(len(batched._running)), many(prompts))[1]
     prompts = [Prompt(random_ids(3 + 4 * i % 11, 20 + i), greedy(2 + 3 * i % 9)) for i in range(8)]
     results, done = {}, threading.Event()
 
@@ -312,7 +368,13 @@ def test_a_failing_prompt_leaves_the_others_alone(engine):
             raise RuntimeError("simulated out of memory")
         return prefill(ids, all_logits)
 
-    engine.rows.prefill = flaky
+    def flaky_many(prompts):
+        if any(len(p) == bad for p in prompts):
+            raise RuntimeError("simulated out of memory")
+        return prefill_many(prompts)
+
+    prefill_many = engine.rows.prefill_many
+    engine.rows.prefill, engine.rows.prefill_many = flaky, flaky_many
     try:
         updates = []
         done = threading.Semaphore(0)
@@ -321,7 +383,7 @@ def test_a_failing_prompt_leaves_the_others_alone(engine):
         for _ in prompts:
             assert done.acquire(timeout=60)
     finally:
-        engine.rows.prefill = prefill
+        engine.rows.prefill, engine.rows.prefill_many = prefill, prefill_many
     by_prompt = {p: u for p, u in updates}
     assert "simulated out of memory" in by_prompt[prompts[2]].error
     for i in (0, 1, 3):
