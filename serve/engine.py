@@ -818,19 +818,24 @@ class Engine:
         self._running.append(request)
 
     def _step(self) -> None:
-        """Sample one token for every running row, retire finished rows, run the model on the rest."""
+        """Sample one token for every running row and feed it to the model, then retire the finished rows.
+
+        The model step is queued before the host reads the sampled tokens (on a GPU an asynchronous copy), so
+        the requests' bookkeeping (detokenising, stop strings, callbacks) overlaps the step instead of
+        leaving the GPU idle; a row that finishes with this token costs one step whose logits are dropped."""
         running, logits = self._running, self._logits
         tokens = self._sample(running, logits)
         logprobs = self._logprobs(running, logits, tokens)
-        finished = [i for i, (request, token, (lp, top)) in enumerate(zip(running, tokens.tolist(), logprobs))
+        read_tokens = _host_reader(tokens)
+        logits = self.rows.step(tokens).float()
+        finished = [i for i, (request, token, (lp, top)) in enumerate(zip(running, read_tokens(), logprobs))
                     if request.push(token, lp, top)]
         if finished:
             order = self.rows.remove(finished)
             running = [running[i] for i in order]
-            index = torch.tensor(order, device=self.device, dtype=torch.long)
-            logits, tokens = logits[index], tokens[index]
+            logits = logits[torch.tensor(order, device=self.device, dtype=torch.long)]
         self._running = running
-        self._logits = self.rows.step(tokens).float() if running else None
+        self._logits = logits if running else None
 
     def _sample(self, running: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         """Tokens [n] for the rows, in one batched op (argmax alone when every row is greedy)."""
@@ -858,6 +863,23 @@ class Engine:
             n = running[i].prompt.logprobs
             out[i] = (chosen[j], dict(zip(t[:n], v[:n])))
         return out
+
+
+def _host_reader(t: torch.Tensor) -> Callable[[], list]:
+    """A function giving t's values as a list. On CUDA the copy to pinned host memory is queued now and the
+    function waits for that copy only, not for work queued after it; elsewhere it reads t when called."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def _default_budget(device: torch.device) -> int:
