@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_quality.sh start     # returns at once; logs in /tmp/quality/*.log
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
-#   bash benchmarks/gpu_quality.sh bench     # after the runs, same host: serving (the mla3 export against
-#                                            # the default teacher), decode at 16k, tokenising; into $OUT
+#   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
+#       serving (the mla3 export against the default teacher), the KD step's profile, GPU tests, decode at 16k
 # A run that died resumes where it stopped (stored stage outputs, checkpoints): `start` again.
 set -uo pipefail
 Q=/tmp/quality
@@ -38,12 +38,22 @@ collect)
     for d in $Q/tree/runs/*/; do n=$(basename "$d"); mkdir -p "$OUT/$n"
         cp -r "$d"report "$OUT/$n/" 2>/dev/null; cp "$d"eval/*.md "$d"eval/*.json "$OUT/$n/" 2>/dev/null; done ;;
 bench)
+    # parts in the order given (default: serve kd tests decode): serving against the default teacher, the KD step's
+    # profile (benchmarks.train_step), the GPU tests of the engine and decoder, decode at 16k with engine rows
     OUT=${OUT:-runs/quality}; mkdir -p "$OUT"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-    timeout ${T_SERVE:-200} python -m benchmarks.serve_load --hybrid $Q/tree/runs/smollm2-prose-1gpu/export \
+    shift; for part in ${@:-serve kd tests decode}; do case $part in
+    serve) timeout ${T_SERVE:-200} python -m benchmarks.serve_load --hybrid $Q/tree/runs/smollm2-prose-1gpu/export \
         --clients 64 --requests ${SERVE_REQUESTS:-4} --prompt-len 1024 --gen 128 --out "$OUT/serve_load.json" 2>&1 \
-        | grep -v -i "warn\|INFO" | tail -10
-    timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
-        --repeats 2 --kernel-batch 64 --out "$OUT/decode.json" 2>&1 | grep "^|\|GB/s" | tail -8
-    timeout ${T_TOKENISE:-120} python -m benchmarks.tokenise --tokens 17300000 --out "$OUT/tokenise.json" 2>&1 | tail -7 ;;
-*) echo "usage: $0 start|poll [seconds]|collect|bench"; exit 2 ;;
+        | grep -v -i "warn\|INFO" | tail -10 ;;
+    kd) timeout ${T_KD:-170} python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed \
+        kd_deepspeed_checked --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \
+        | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
+    tests) timeout ${T_TESTS:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/serve/test_engine.py \
+        tests/zebra/test_varlen_prefill.py tests/zebra/test_decode.py tests/test_benchmarks_train_step.py 2>&1 | tail -8 ;;
+    decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
+        --repeats 2 --kernel-batch 64 --max-batch-cap ${DECODE_CAP:-1024} --out "$OUT/decode.json" 2>&1 \
+        | grep "^|\|GB/s" | tail -8 ;;
+    *) echo "bench: unknown part $part (serve, kd, tests, decode)"; exit 2 ;;
+    esac; done ;;
+*) echo "usage: $0 start|poll [seconds]|collect|bench [serve kd tests decode]"; exit 2 ;;
 esac

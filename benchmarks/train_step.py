@@ -7,17 +7,36 @@ One process, one batch shape, one device. Rows:
   (d) the SSD scan alone, forward + backward: our Triton kernel, the PyTorch reference, mamba_ssm's
       mamba_chunk_scan_combined where it imports
   (e) the Mamba2 gated RMSNorm alone, forward + backward: kernels.norm's Triton kernel and its reference
+  (f) kd_hybrid: a KD step as the KD stage takes it (jobs.train.kd_objective): the teacher of (a)'s shape
+      (bf16 weights on CUDA, cluster.teacher.LocalTeacher.logits), then the hybrid student (kernel path on
+      CUDA) forward, zebra.losses.kd_loss (full vocab by default), backward and fused AdamW (float32 weights,
+      bf16 autocast as in (a)-(c)); the step split by CUDA events into teacher forward, student forward,
+      loss forward + backward, student backward and optimizer
+  (g) kd_deepspeed: the same step through the stage's machinery in one process, not Ray: jobs.train._engine
+      (DeepSpeed ZeRO, GroupClippedAdamW, bf16 weights where the GPU has it, as resolve_bf16("auto")) and
+      jobs.train._optimizer_step with a LocalTeacher, on a 1-rank process group (nccl on CUDA, gloo on the
+      CPU); then the same step again split into its phases (a replica of _optimizer_step's body)
+  (h) kd_deepspeed_checked: (g) with DeepSpeed's own grad-norm and bf16 overflow checks back on
+      (CHECKED_DS_CONFIG): what jobs.train.deepspeed_config's switching them off saves
+  --profile: a few more steps of each selected model under torch.profiler; the top ops by self device
+  time (self CPU time on the CPU) per step go into the JSON and the printout
 A step is forward + backward + fused AdamW, under bf16 autocast on CUDA, random init and random tokens.
-Model-FLOPs utilisation counts 6 N FLOPs per token (N = the parameter count) against --peak-flops.
+Model-FLOPs utilisation counts 6 N FLOPs per token (N = the parameter count; KD rows add 2 N_teacher for
+the teacher's forward) against --peak-flops.
 Prints a table of ratios against (a) and writes JSON. Timings only: nothing is asserted.
 
     python -m benchmarks.train_step --out train_step.json            # 16 x 2048 on one GPU
     python -m benchmarks.train_step --tiny                           # CPU smoke run, tiny shapes, seconds
     python -m benchmarks.train_step --compile --models transformer hybrid_triton   # torch.compile'd steps
+    python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed kd_deepspeed_checked \
+        --profile --out kd.json      # the DeepSpeed rows need deepspeed and ray (on the GPU: the stage bundle)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -27,13 +46,16 @@ import torch
 
 if not torch.cuda.is_available():  # CPU smoke runs: Triton reads this when it first decorates its kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (kd_deepspeed) reads it at its first use
 
 import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kernels.norm import gated_rms_norm  # noqa: E402
 from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
+from zebra.losses import kd_loss, top_k_logprobs  # noqa: E402
 from zebra.modeling import ZebraForCausalLM  # noqa: E402
 
 log = logging.getLogger("benchmarks.train_step")
@@ -43,6 +65,14 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
 MLA_LAYERS = {"smollm2": [0, 14, 29], "tiny": [0, 3]}
+LM_MODELS = ("transformer", "hybrid_torch", "hybrid_triton")
+KD_MODELS = ("kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked")
+# kd_deepspeed_checked: jobs.train.deepspeed_config with DeepSpeed's own gradient checks back on, as before the
+# stage turned them off: GroupClippedAdamW clips (and guards non-finite norms), so ZeRO's global norm (a
+# per-parameter norm loop and an all-reduce) is unused, and a bf16 step needs no overflow check (a
+# per-gradient inf/nan loop, an all-reduce and a host sync).
+CHECKED_DS_CONFIG = {"zero_optimization": {"compute_grad_norm": True}, "bf16": {"check_grad_overflow": True}}
+PROFILE_TOP = 15  # ops per model in the profile table
 
 
 def build_models(tiny: bool, chunk_size: int) -> dict:
@@ -63,8 +93,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_train_step(model, batch: int, seq: int, steps: int, warmup: int, device, peak_flops: float) -> dict:
-    """Time forward + backward + AdamW on random tokens [batch, seq] -> step_s, tokens_per_s, peak_gib, mfu."""
+def bench_train_step(model, batch: int, seq: int, steps: int, warmup: int, device, peak_flops: float,
+                     profile_steps: int = 0) -> dict:
+    """Time forward + backward + AdamW on random tokens [batch, seq] -> step_s, tokens_per_s, peak_gib, mfu
+    (and with profile_steps > 0 the profile of that many more steps, see profile_ops)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     vocab = model.config.vocab_size
@@ -72,22 +104,320 @@ def bench_train_step(model, batch: int, seq: int, steps: int, warmup: int, devic
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync(device)
-            start = time.perf_counter()
+
+    def step():
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    step_s = (time.perf_counter() - start) / steps
+        return loss
+    step_s, loss = time_steps(step, steps, warmup, device)
     params = sum(p.numel() for p in model.parameters())
     tokens_per_s = batch * seq / step_s
-    return dict(step_s=step_s, tokens_per_s=tokens_per_s, params=params, mfu=6 * params * tokens_per_s / peak_flops,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                loss=loss.item())
+    out = dict(step_s=step_s, tokens_per_s=tokens_per_s, params=params, mfu=6 * params * tokens_per_s / peak_flops,
+               peak_gib=peak_gib(device), loss=loss.item())
+    if profile_steps:
+        out["profile"] = profile_ops(step, profile_steps, device, step_s)
+    return out
+
+
+def time_steps(step, steps: int, warmup: int, device) -> tuple[float, Tensor]:
+    """(seconds per step() over `steps` calls after `warmup` untimed ones, the last call's result)."""
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        result = step()
+    sync(device)
+    return (time.perf_counter() - start) / steps, result
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+class PhaseTimer:
+    """Time spent in named phases of a step, summed over steps: CUDA events on the GPU (read after a
+    synchronize; the device time from a phase's start to its end), perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = self._mark()
+        yield
+        self.marks.append((name, start, self._mark()))
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms_per_step(self, steps: int) -> dict[str, float]:
+        """phase -> milliseconds per step, in the order the phases first ran (call after a sync)."""
+        totals: dict[str, float] = {}
+        for name, start, end in self.marks:
+            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+            totals[name] = totals.get(name, 0.0) + ms / steps
+        return totals
+
+
+def time_phases(step, steps: int, device) -> dict:
+    """step(timer) run `steps` times (after the caller's warm-up) -> phases {name: {ms, pct}} per step,
+    phase_sum_ms and step_ms (wall clock per step over the same steps, the split's own overhead included)."""
+    timer = PhaseTimer(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(timer)
+    sync(device)
+    step_ms = (time.perf_counter() - start) / steps * 1e3
+    ms = timer.ms_per_step(steps)
+    return dict(step_ms=step_ms, phase_sum_ms=sum(ms.values()),
+                phases={name: dict(ms=v, pct=100 * v / step_ms) for name, v in ms.items()})
+
+
+def profile_ops(step, steps: int, device, step_s: float, top: int = PROFILE_TOP) -> dict:
+    """step() run `steps` times under torch.profiler (CPU and CUDA activities), per step:
+    ops      the `top` host-side ops (aten::*, autograd nodes, record_function ranges) by self device time
+             (on the CPU: self CPU time): name, ms_per_step, pct_of_step (of step_s, the unprofiled step),
+             calls_per_step
+    kernels  on CUDA, the `top` device events (kernels, copies) by device time, same fields: Triton
+             kernels launched from autograd Functions show here, not under an aten op
+    busy_ms_per_step  on CUDA the device events summed (the rest of the step the GPU waits on the
+             host); on the CPU every op's self time summed."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    averages = list(prof.key_averages())
+    key = "self_cpu_time_total"
+    if cuda:
+        key = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+    host = [e for e in averages if e.device_type == DeviceType.CPU]
+    device_events = [e for e in averages if e.device_type != DeviceType.CPU]
+    step_ms = step_s * 1e3
+
+    def ranked(events):
+        rows = [(e.key, getattr(e, key) / 1e3 / steps, e.count / steps) for e in events]
+        return [dict(name=name, ms_per_step=ms, pct_of_step=100 * ms / step_ms, calls_per_step=calls)
+                for name, ms, calls in sorted(rows, key=lambda r: r[1], reverse=True)[:top]]
+    busy = sum(getattr(e, key) for e in (device_events if cuda else host)) / 1e3 / steps
+    return dict(time=key, steps=steps, step_ms=step_ms, busy_ms_per_step=busy, ops=ranked(host),
+                kernels=ranked(device_events) if cuda else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class KDSetup:
+    """What a KD row times: the objective's knobs (jobs.train.kd_objective's), the batch, the steps."""
+
+    batch: int
+    seq: int
+    steps: int
+    warmup: int
+    peak_flops: float
+    temperature: float = 1.0
+    top_k: int | None = None
+    ce_weight: float = 0.0
+    profile_steps: int = 0
+
+
+def bench_kd_hybrid(student, teacher_factory, kd: KDSetup, device) -> dict:
+    """A KD step of the stage's objective with a plain training loop: LocalTeacher.logits, the student
+    forward under bf16 autocast (float32 weights, as bench_train_step), kd_loss, backward, fused AdamW.
+    Timed whole, then split into phases (time_phases), then optionally profiled."""
+    teacher = local_teacher(teacher_factory, device)
+    student.to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, student.config.vocab_size, (kd.batch, kd.seq), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(timer=None):
+        loss = kd_forward_backward(student, teacher, ids, kd, autocast, timer)
+        with (timer or _no_phase)("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+    step_s, loss = time_steps(step, kd.steps, kd.warmup, device)
+    out = kd_result(student, teacher.model, kd, step_s, device, loss.item())
+    out["teacher"] = type(teacher).__name__
+    out["split"] = time_phases(step, kd.steps, device)
+    if kd.profile_steps:
+        out["profile"] = profile_ops(step, kd.profile_steps, device, step_s)
+    return out
+
+
+def local_teacher(factory, device):
+    """cluster.teacher.LocalTeacher(factory, device); where Ray (which cluster.teacher imports) is absent,
+    as on the bare GPU image, BareTeacher, a copy of its logits call."""
+    try:
+        from cluster.teacher import LocalTeacher
+    except ImportError as err:
+        log.warning("cluster.teacher does not import (%s): the KD teacher is BareTeacher, its copy", err)
+        return BareTeacher(factory, device)
+    return LocalTeacher(factory, device)
+
+
+class BareTeacher:
+    """cluster.teacher.LocalTeacher's constructor and logits(), for a process without Ray."""
+
+    def __init__(self, factory, device):
+        self.device = torch.device(device)
+        self.model = factory().to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, top_k: int | None = None, temperature: float = 1.0):
+        """[batch, seq, vocab] logits, or with top_k the k largest log-probabilities at `temperature`."""
+        logits = self.model(input_ids.to(self.device)).logits
+        return logits if top_k is None else top_k_logprobs(logits, top_k, temperature)
+
+
+def kd_forward_backward(student, teacher, ids: Tensor, kd: KDSetup, autocast, timer=None) -> Tensor:
+    """The KD stage's loss on ids [batch, seq] (jobs.train._kd_targets of teacher, a LocalTeacher, then
+    _kd_loss) and its backward into the student's .grad, in phases (timer(name) contexts, optional):
+    teacher_forward, student_forward, loss_forward_backward (kd_loss against the detached logits: it
+    computes their gradient in its forward), student_backward. -> the loss (scalar)."""
+    timer = timer or _no_phase
+    labels = ids if kd.ce_weight > 0 else None  # as _kd_loss: the batch's own ids
+    with timer("teacher_forward"):
+        targets = teacher.logits(ids, kd.top_k, kd.temperature)
+    with timer("student_forward"), autocast:
+        logits = student(ids).logits  # [batch, seq, vocab]
+    with timer("loss_forward_backward"):
+        leaf = logits.detach().requires_grad_()
+        loss = kd_loss(leaf, targets, kd.temperature, kd.ce_weight, labels)
+        loss.backward()
+    with timer("student_backward"):
+        logits.backward(leaf.grad)
+    return loss
+
+
+def _no_phase(name: str):
+    return contextlib.nullcontext()
+
+
+def kd_result(student, teacher, kd: KDSetup, step_s: float, device, loss: float) -> dict:
+    """A KD row's figures: tokens/s of the student's tokens, MFU counting 6 N_student + 2 N_teacher per token."""
+    params = sum(p.numel() for p in student.parameters())
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    tokens_per_s = kd.batch * kd.seq / step_s
+    return dict(step_s=step_s, tokens_per_s=tokens_per_s, params=params, teacher_params=teacher_params,
+                mfu=(6 * params + 2 * teacher_params) * tokens_per_s / kd.peak_flops, peak_gib=peak_gib(device),
+                loss=loss, kd=dict(temperature=kd.temperature, top_k=kd.top_k, ce_weight=kd.ce_weight))
+
+
+def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage: int,
+                       ds_overrides: dict | None = None) -> dict:
+    """The KD step of the stage's own code in one process: jobs.train._engine (DeepSpeed, GroupClippedAdamW,
+    bf16 as resolve_bf16("auto") decides on this device) and jobs.train._optimizer_step with a LocalTeacher,
+    batches of CPU ids as the stage's data gives them. Timed whole; then a replica of _optimizer_step's
+    body split into phases; then optionally profiled (the real _optimizer_step). ds_overrides: merged
+    into jobs.train.deepspeed_config's dict (section by section) while the engine is built."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    import jobs.train
+    from cluster.teacher import LocalTeacher
+    from jobs.train import TrainConfig, _engine, _next_batch, _optimizer_step, kd_objective
+
+    cuda = device.type == "cuda"
+    cfg = TrainConfig(workers=1, use_gpu=cuda, zero_stage=zero_stage, micro_batch=kd.batch, seq_len=kd.seq,
+                      bf16="auto" if cuda else False, lr=1e-4, total_steps=10_000)
+    objective = kd_objective(kd.temperature, kd.top_k, kd.ce_weight)
+    ids = torch.randint(0, student.config.vocab_size, (kd.batch, kd.seq))
+    batches = itertools.repeat({"input_ids": ids})
+    with one_rank_group(device):
+        teacher = LocalTeacher(teacher_factory, device)
+        stage_config = jobs.train.deepspeed_config
+        with mock.patch.object(jobs.train, "deepspeed_config",
+                               lambda c, w: merge_sections(stage_config(c, w), ds_overrides or {})):
+            engine = _engine(cfg, student, world=1)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+        def step():
+            return _optimizer_step(engine, teacher, objective, batches, cfg, device)
+
+        def split_step(timer):  # _optimizer_step's body (grad_accum 1) with _kd_targets and _kd_loss opened up
+            with timer("teacher_forward"):
+                batch = _next_batch(batches, cfg, device)
+                targets = objective.teacher_targets(teacher, batch)
+            with timer("student_forward"):
+                logits = engine(batch["input_ids"]).logits
+            with timer("loss_forward"):  # computes the logits' gradient too
+                labels = batch["input_ids"] if kd.ce_weight > 0 else None
+                loss = kd_loss(logits, targets, kd.temperature, kd.ce_weight, labels)
+            with timer("engine_backward"):
+                engine.backward(loss)
+            with timer("engine_step"):
+                engine.step()
+            with timer("loss_all_reduce_item"):
+                total = loss.detach().float()
+                dist.all_reduce(total)
+                total.item()
+        step_s, loss = time_steps(step, kd.steps, kd.warmup, device)
+        out = kd_result(engine.module, teacher.model, kd, step_s, device, loss)
+        out.update(bf16=engine.bfloat16_enabled(), zero_stage=zero_stage, ds_overrides=ds_overrides or {},
+                   compute_grad_norm=engine.zero_compute_grad_norm() if hasattr(engine, "zero_compute_grad_norm")
+                   else None)
+        out["split"] = time_phases(split_step, kd.steps, device)
+        if kd.profile_steps:
+            out["profile"] = profile_ops(step, kd.profile_steps, device, step_s)
+        engine.destroy()
+    return out
+
+
+def merge_sections(config: dict, overrides: dict) -> dict:
+    """config with each overrides section merged into its own (dicts one level deep), other keys replaced."""
+    merged = dict(config)
+    for key, value in overrides.items():
+        merged[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+@contextlib.contextmanager
+def one_rank_group(device):
+    """A torch.distributed group of this process alone (nccl on CUDA, gloo on the CPU) over 127.0.0.1 and
+    a free port, as Ray Train would set up for one worker; destroyed on exit if it was created here."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               LOCAL_WORLD_SIZE="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def scan_functions() -> dict:
@@ -167,6 +497,9 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
         args.batch, args.seq, args.steps, args.warmup, args.chunk_size = 2, 32, 1, 1, 16
+        args.profile_steps = min(args.profile_steps, 1)
+    if args.profile_steps < 1:
+        raise ValueError(f"--profile-steps={args.profile_steps}: expected >= 1")
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", batch=args.batch,
                    seq=args.seq, chunk_size=args.chunk_size, compile=args.compile, peak_flops=args.peak_flops,
                    torch=torch.__version__, train_step={}, ssd_scan={}, gated_rms_norm={})
@@ -178,6 +511,7 @@ def main(argv=None) -> dict:
     for backend in ("triton", "torch"):
         results["gated_rms_norm"][backend] = run_or_skip(f"gated_rms_norm {backend}", lambda b=backend: bench_norm(
             b, shape, args.steps, args.warmup, device, dtype))
+    profile_steps = args.profile_steps if args.profile else 0
     for name, build in build_models(args.tiny, args.chunk_size).items():
         if args.models and name not in args.models:
             continue
@@ -186,31 +520,88 @@ def main(argv=None) -> dict:
             torch.manual_seed(0)
             model = build()
             model = torch.compile(model) if args.compile else model
-            out = bench_train_step(model, args.batch, args.seq, args.steps, args.warmup, device, args.peak_flops)
+            out = bench_train_step(model, args.batch, args.seq, args.steps, args.warmup, device, args.peak_flops,
+                                   profile_steps)
             del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_memory(device)
             return out
         results["train_step"][name] = run_or_skip(name, step)
+        save(results, args.out, name)
+    kd = KDSetup(args.batch, args.seq, args.steps, args.warmup, args.peak_flops, args.kd_temperature, args.kd_top_k,
+                 args.kd_ce_weight, profile_steps)
+    kd_names = [name for name in KD_MODELS if args.models and name in args.models]
+    # One process group for every DeepSpeed row: DeepSpeed keeps the groups it made of the first one.
+    deepspeed = any(name.startswith("kd_deepspeed") for name in kd_names)
+    with one_rank_group(device) if deepspeed else contextlib.nullcontext():
+        for name in kd_names:
+            results["train_step"][name] = run_or_skip(name, lambda name=name: kd_row(name, args, kd, device))
+            save(results, args.out, name)
     print(table(results))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    save(results, args.out)
     return results
+
+
+def save(results: dict, out: str | None, row: str | None = None) -> None:
+    """Write the results so far as JSON to `out` (if given), after each train-step row too, so that a run
+    cut short by a timeout still leaves the rows it finished; log the row just done."""
+    if row is not None and "tokens_per_s" in results["train_step"][row]:
+        log.info("%s: %.0f tokens/s", row, results["train_step"][row]["tokens_per_s"])
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def kd_row(name: str, args, kd: KDSetup, device) -> dict:
+    """One KD row (kd_hybrid or kd_deepspeed): a fresh student (seed 0) and teacher (seed 1)."""
+    student_factory, teacher_factory = kd_models(args.tiny, args.chunk_size, device)
+    torch.manual_seed(0)
+    student = student_factory()
+    if args.compile:
+        log.warning("%s: --compile is not applied to the KD rows (the stage does not compile)", name)
+    try:
+        if name == "kd_hybrid":
+            return bench_kd_hybrid(student, teacher_factory, kd, device)
+        overrides = None
+        if name == "kd_deepspeed_checked":  # compute_grad_norm is a ZeRO-1/2 switch
+            overrides = {k: v for k, v in CHECKED_DS_CONFIG.items() if args.zero_stage == 2 or k != "zero_optimization"}
+        return bench_kd_deepspeed(student, teacher_factory, kd, device, args.zero_stage, overrides)
+    finally:
+        del student
+        free_memory(device)
+
+
+def kd_models(tiny: bool, chunk_size: int, device) -> tuple:
+    """(student factory, teacher factory) of the KD rows: the hybrid on the kernel path on CUDA (the
+    PyTorch reference on the CPU, where the Triton interpreter would take minutes), and the transformer
+    of row (a)'s shape as the teacher, in bf16 on CUDA as the GPU spec loads it (teacher.dtype), seed 1."""
+    student = build_models(tiny, chunk_size)["hybrid_triton" if device.type == "cuda" else "hybrid_torch"]
+    llama = LlamaConfig(**(TINY if tiny else SMOLLM2))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def teacher():
+        torch.manual_seed(1)
+        return LlamaForCausalLM(llama).to(dtype)
+    return student, teacher
+
+
+def free_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def table(results: dict) -> str:
     """The train-step rows with ratios against the transformer, then the scan and norm rows against Triton's."""
+    w = max([16] + [len(name) + 1 for name in results["train_step"]])  # the name column
     rows = [f"train step, batch {results['batch']} x {results['seq']}, {results['device']}",
-            f"{'model':<16}{'step s':>9}{'tokens/s':>12}{'x transf.':>10}{'peak GiB':>10}{'MFU':>7}"]
+            f"{'model':<{w}}{'step s':>9}{'tokens/s':>12}{'x transf.':>10}{'peak GiB':>10}{'MFU':>7}"]
     base = results["train_step"].get("transformer", {}).get("tokens_per_s")
     for name, r in results["train_step"].items():
         if "skipped" in r:
-            rows.append(f"{name:<16}skipped: {r['skipped'][:100]}")
+            rows.append(f"{name:<{w}}skipped: {r['skipped'][:100]}")
             continue
         ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        rows.append(f"{name:<16}{r['step_s']:>9.3f}{r['tokens_per_s']:>12,.0f}{ratio:>10}{peak:>10}"
+        rows.append(f"{name:<{w}}{r['step_s']:>9.3f}{r['tokens_per_s']:>12,.0f}{ratio:>10}{peak:>10}"
                     f"{r['mfu'] * 100:>6.1f}%")
     for key, title in (("ssd_scan", f"SSD scan forward + backward (chunk {results['chunk_size']})"),
                        ("gated_rms_norm", "gated RMSNorm forward + backward")):
@@ -222,7 +613,38 @@ def table(results: dict) -> str:
                 continue
             ratio = f"{r['ms'] / ours:>10.2f}" if ours else f"{'-':>10}"
             rows.append(f"{name:<16}{r['ms']:>9.2f}{ratio}")
-    return "\n".join(rows)
+    return "\n".join(rows + split_rows(results["train_step"]) + profile_rows(results["train_step"]))
+
+
+def split_rows(rows_by_model: dict) -> list[str]:
+    """The phase split of each KD row: ms per step and % of the split run's wall-clock step."""
+    rows = []
+    for name, r in rows_by_model.items():
+        if "split" not in r:
+            continue
+        split = r["split"]
+        rows += [f"{name}: phases of one step (wall {split['step_ms']:.1f} ms, "
+                 f"phases sum {split['phase_sum_ms']:.1f} ms)",
+                 f"{'phase':<24}{'ms':>9}{'% step':>8}"]
+        rows += [f"{phase:<24}{v['ms']:>9.2f}{v['pct']:>7.1f}%" for phase, v in split["phases"].items()]
+    return rows
+
+
+def profile_rows(rows_by_model: dict) -> list[str]:
+    """The profile of each profiled row: its top ops by self device (CPU) time per step."""
+    rows = []
+    for name, r in rows_by_model.items():
+        if "profile" not in r:
+            continue
+        prof = r["profile"]
+        rows += [f"{name}: profile by {prof['time']} per step (step {prof['step_ms']:.1f} ms, "
+                 f"busy {prof['busy_ms_per_step']:.1f} ms)", f"{'op':<60}{'ms':>9}{'% step':>8}{'calls':>7}"]
+        for what in ("ops", "kernels"):
+            if prof[what]:
+                rows.append(f"{name}: top {what}")
+            rows += [f"{op['name'][:59]:<60}{op['ms_per_step']:>9.2f}{op['pct_of_step']:>7.1f}%"
+                     f"{op['calls_per_step']:>7.0f}" for op in prof[what]]
+    return rows
 
 
 def parse_args(argv=None):
@@ -235,8 +657,15 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-flops", type=float, default=790e12, help="peak FLOP/s for the utilisation")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
-    parser.add_argument("--models", nargs="+", choices=("transformer", "hybrid_torch", "hybrid_triton"),
-                        help="train-step rows to run (default: all)")
+    parser.add_argument("--models", nargs="+", choices=LM_MODELS + KD_MODELS,
+                        help=f"train-step rows to run (default: {' '.join(LM_MODELS)}; the KD rows only when named)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile --profile-steps more steps of each row: top ops by self device time")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--kd-temperature", type=float, default=1.0, help="KD rows: kd_loss temperature")
+    parser.add_argument("--kd-top-k", type=int, default=None, help="KD rows: teacher top-k (default: full vocab)")
+    parser.add_argument("--kd-ce-weight", type=float, default=0.0, help="KD rows: kd_loss ce_weight")
+    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2, help="kd_deepspeed: ZeRO stage")
     parser.add_argument("--out", help="write the results as JSON here")
     return parser.parse_args(argv)
 

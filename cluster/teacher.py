@@ -53,7 +53,7 @@ class LocalTeacher:
                 lambda _module, _args, out: attn.append(out[0] if isinstance(out, tuple) else out))
                 for i, layer in enumerate(self.model.model.layers)]
         try:
-            out = self.model.model(input_ids.to(self.device), output_hidden_states=True)
+            out = self.model.model(input_ids.to(self.device), output_hidden_states=True, use_cache=False)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -63,7 +63,7 @@ class LocalTeacher:
     @torch.no_grad()
     def logits(self, input_ids: Tensor, top_k: int | None = None, temperature: float = 1.0) -> Tensor | TopKLogprobs:
         """[batch, seq, vocab] logits, or with top_k the k largest log-probabilities at `temperature`."""
-        logits = self.model(input_ids.to(self.device)).logits
+        logits = self.model(input_ids.to(self.device), use_cache=False).logits  # no KV cache: ~0.75 GB of copies a call
         return logits if top_k is None else top_k_logprobs(logits, top_k, temperature)
 
     def gpu_uuid(self) -> str | None:

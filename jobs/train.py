@@ -398,18 +398,40 @@ def _device(use_gpu: bool) -> torch.device:
 
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     """The DeepSpeed config of a run: ZeRO stage and bf16. The optimizer (GroupClippedAdamW, which
-    also clips) and the LR schedule (lr_ratio) are handed to deepspeed.initialize by _engine, so
-    DeepSpeed's own clipping is off."""
+    also clips and guards against non-finite gradients) and the LR schedule (lr_ratio) are handed to
+    deepspeed.initialize by _engine, so DeepSpeed's own clipping is off, and where the installed
+    DeepSpeed has the switches, so are its global gradient norm (ZeRO-1/2: a float64 pass over every
+    gradient and an all-reduce that nothing reads) and its bf16 overflow check (an all-reduce and a host
+    sync every step)."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage in (1, 2) and _deepspeed_has("zero", "compute_grad_norm"):
+        zero["compute_grad_norm"] = False
+    bf16: dict = {"enabled": resolve_bf16(cfg.bf16, cfg.use_gpu)}
+    if _deepspeed_has("bf16", "check_grad_overflow"):
+        bf16["check_grad_overflow"] = False
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world,
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # GroupClippedAdamW: torch's AdamW plus clipping
-        "bf16": {"enabled": resolve_bf16(cfg.bf16, cfg.use_gpu)},
+        "bf16": bf16,
         "steps_per_print": cfg.total_steps + 1,  # we log; keep DeepSpeed's own step lines out
     }
+
+
+@functools.cache
+def _deepspeed_has(section: str, key: str) -> bool:
+    """Whether the installed DeepSpeed's config section ("zero" or "bf16") knows `key` (it rejects unknown keys)."""
+    if section == "zero":
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig as model
+    else:
+        try:
+            from deepspeed.runtime.precision_config import DeepSpeedBF16Config as model
+        except ImportError:  # older DeepSpeed: no bf16 config model, and no such switch
+            return False
+    return key in model.model_fields
 
 
 def lr_ratio(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -439,7 +461,10 @@ class GroupClippedAdamW(torch.optim.AdamW):
     Under DeepSpeed ZeRO a group's parameters are one flat fp32 partition per rank, and ZeRO calls
     step() one group at a time: a group's norm is the all-reduced (sum over ranks) square sum of
     the partitions this process holds. (ZeRO-3 splits a group over 1e12 elements into sub-groups,
-    clipped apart.) Each group's norm before clipping is left in group["grad_norm"].
+    clipped apart.) Each group's norm before clipping is left in group["grad_norm"] (a 0-d tensor: reading
+    it is the caller's host sync, not every step's). A group whose norm is not finite steps with a zero
+    gradient (its weights only decay) instead of spreading NaN into the weights and moments: the guard
+    DeepSpeed's bf16 overflow check gave, without its host sync.
     torch's AdamW everywhere: DeepSpeed's FusedAdam needs a CUDA JIT build and its CPUAdam a C++
     one; torch's fused kernel covers the GPU and its foreach path the CPU.
     """
@@ -459,10 +484,11 @@ class GroupClippedAdamW(torch.optim.AdamW):
             if dist.is_initialized():
                 dist.all_reduce(square)
             norm = square.sqrt()
-            group["grad_norm"] = float(norm)
-            scale = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
+            group["grad_norm"] = norm
+            finite = torch.isfinite(norm)
+            scale = torch.where(finite, (self.max_norm / (norm + 1e-6)).clamp(max=1.0), 0.0)
             for g in grads:
-                g.mul_(scale.to(g.dtype))
+                g.copy_(torch.where(finite, g * scale.to(g.dtype), 0.0))
         return super().step(closure)
 
 

@@ -41,12 +41,33 @@ def test_each_group_is_clipped_on_its_own():
     model(x).backward()
     raw_b = [p.grad.clone() for p in model.b.parameters()]
     opt.step()
-    assert [g["grad_norm"] for g in opt.param_groups] == pytest.approx(norms, rel=1e-5)
+    assert [float(g["grad_norm"]) for g in opt.param_groups] == pytest.approx(norms, rel=1e-5)
     clipped = [math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in m.parameters())) for m in (model.a, model.b)]
     assert clipped[0] == pytest.approx(max_norm, rel=1e-5)  # the big one cut to max_norm
     assert all(torch.equal(p.grad, g) for p, g in zip(model.b.parameters(), raw_b))  # the small one untouched
     # one shared clip would have scaled the small student by max_norm / global norm as well
     assert max_norm / math.hypot(*norms) < 0.1
+
+
+def test_a_group_with_a_non_finite_gradient_steps_without_it():
+    """An inf in one student's gradient: that group steps with a zero gradient (its weights only decay, no
+    NaN reaches them or the moments); the other group steps as usual."""
+    model, x = TwoStudents(), torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    twin = TwoStudents()
+    opt = GroupClippedAdamW(model.param_groups(), max_norm=1.0, lr=1e-2, weight_decay=0.1)
+    ref = GroupClippedAdamW(twin.param_groups(), max_norm=1.0, lr=1e-2, weight_decay=0.1)
+    model(x).backward()
+    twin(x).backward()
+    model.a.weight.grad[0, 0] = float("inf")
+    before_a = [p.detach().clone() for p in model.a.parameters()]
+    opt.step()
+    ref.step()
+    assert not math.isfinite(float(opt.param_groups[0]["grad_norm"]))
+    for p, p0 in zip(model.a.parameters(), before_a):  # decoupled decay only: p0 * (1 - lr * wd)
+        assert torch.isfinite(p).all() and torch.allclose(p, p0 * (1 - 1e-2 * 0.1))
+        assert torch.isfinite(opt.state[p]["exp_avg"]).all() and not opt.state[p]["exp_avg"].any()
+    for p, q in zip(model.b.parameters(), twin.b.parameters()):  # the healthy student: as without the inf
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("warmup,total,min_ratio", [(0, 10, 0.0), (1, 10, 0.0), (4, 20, 0.1)])
@@ -79,7 +100,7 @@ def test_engine_clips_per_student_and_follows_the_schedule(one_rank_group, zero_
         engine.backward(engine(x))
         engine.step()
         if step == 0:  # ZeRO steps one group at a time: each group's own norm, not the global one
-            assert [g["grad_norm"] for g in engine.basic_optimizer.param_groups] == pytest.approx(norms, rel=1e-4)
+            assert [float(g["grad_norm"]) for g in engine.basic_optimizer.param_groups] == pytest.approx(norms, rel=1e-4)
     assert lrs == pytest.approx([cfg.lr * lr_ratio(s, 1, 4, 0.0) for s in range(4)])
     assert lrs[0] == pytest.approx(cfg.lr)
 

@@ -1,0 +1,104 @@
+"""benchmarks.train_step: the KD rows compute the KD stage's loss and gradients, the phase split and the
+profile are filled in, and the --tiny run of the KD rows writes every figure. Timings are never asserted."""
+import contextlib
+import json
+import time
+
+import pytest
+import torch
+
+from benchmarks.train_step import (CHECKED_DS_CONFIG, BareTeacher, KDSetup, kd_forward_backward, main, profile_ops,
+                                   time_phases)
+from cluster.teacher import LocalTeacher
+from jobs.train import _kd_loss, _kd_targets
+from tests.conftest import tiny_llama
+from zebra.convert import hybrid_config
+from zebra.modeling import ZebraForCausalLM
+
+
+@pytest.mark.parametrize("top_k, ce_weight", [(None, 0.3), (8, 0.0)])
+def test_kd_step_matches_the_stage_objective(top_k, ce_weight):
+    """Float64, fresh random ids: the benchmark's phase-split KD step (loss against detached logits, then the
+    student's backward) gives the loss and every gradient of jobs.train's _kd_targets + _kd_loss + backward."""
+    teacher = LocalTeacher(lambda: tiny_llama(seed=3), "cpu")
+    torch.manual_seed(4)
+    student = ZebraForCausalLM(hybrid_config(teacher.model.config, [0], kv_rank=8, qk_rope_dim=4, chunk_size=8,
+                                             mamba_backend="torch")).double()
+    kd = KDSetup(batch=2, seq=16, steps=1, warmup=0, peak_flops=1.0, temperature=2.0, top_k=top_k,
+                 ce_weight=ce_weight)
+    ids = torch.randint(0, student.config.vocab_size, (kd.batch, kd.seq))
+    loss = kd_forward_backward(student, teacher, ids, kd, contextlib.nullcontext())
+    ours = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    batch = {"input_ids": ids}
+    ref = _kd_loss(student, _kd_targets(teacher, batch, top_k, kd.temperature), batch, kd.temperature, ce_weight)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert loss.item() > 0
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert any(g.abs().sum() > 0 for g in ours.values())
+
+
+def test_bare_teacher_is_local_teachers_logits():
+    """The teacher the benchmark falls back to without Ray gives LocalTeacher's outputs, full and top-k."""
+    ids = torch.randint(0, 256, (2, 12))
+    ours, theirs = BareTeacher(lambda: tiny_llama(seed=5), "cpu"), LocalTeacher(lambda: tiny_llama(seed=5), "cpu")
+    torch.testing.assert_close(ours.logits(ids), theirs.logits(ids), rtol=0, atol=0)
+    a, b = ours.logits(ids, 5, 2.0), theirs.logits(ids, 5, 2.0)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=0)
+    assert torch.equal(a.indices, b.indices) and a.temperature == b.temperature == 2.0
+    assert not ours.model.training and not any(p.requires_grad for p in ours.model.parameters())
+
+
+def test_phase_split_covers_the_step_and_profile_ranks_ops():
+    """Phases of known length are all reported, in order, and sum to about the wall-clock step; the profile
+    lists the step's ops by self time, largest first."""
+    device = torch.device("cpu")
+    a, b = torch.randn(256, 256, dtype=torch.float64), torch.randn(256, 256, dtype=torch.float64)
+
+    def step(timer):
+        with timer("sleep"):
+            time.sleep(0.02)
+        with timer("matmul"):
+            (a @ b).sum()
+    split = time_phases(step, 3, device)
+    assert list(split["phases"]) == ["sleep", "matmul"]
+    assert split["phases"]["sleep"]["ms"] >= 19
+    assert 0.8 * split["step_ms"] <= split["phase_sum_ms"] <= split["step_ms"] * 1.001
+    prof = profile_ops(lambda: a @ b, 2, device, step_s=1e-3, top=3)
+    names = [op["name"] for op in prof["ops"]]
+    assert "aten::mm" in names and len(names) <= 3
+    ms = [op["ms_per_step"] for op in prof["ops"]]
+    assert ms == sorted(ms, reverse=True) and ms[0] > 0 and prof["kernels"] == []
+
+
+def test_tiny_run_of_the_kd_rows(tmp_path, monkeypatch, capsys):
+    """The CPU smoke run with the KD rows and --profile writes every row with positive tokens/s, a phase
+    split that sums to about its step, and a non-empty profile. In this process: main makes its own
+    one-rank gloo group for both DeepSpeed rows (DeepSpeed's group caches cleared of earlier tests'
+    groups first, as tests/conftest.py's one_rank_group does) and destroys it at the end."""
+    import deepspeed.utils.groups as ds_groups
+    import torch.distributed as dist
+
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        monkeypatch.setattr(ds_groups, name, None)
+    if dist.is_initialized():
+        pytest.skip("a process group of another test is still up")
+    out = tmp_path / "kd.json"
+    main(["--tiny", "--models", "kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked", "--profile", "--out", str(out)])
+    rows = json.loads(out.read_text())["train_step"]
+    assert set(rows) == {"kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked"}
+    for name, r in rows.items():
+        assert "skipped" not in r, (name, r)
+        assert r["tokens_per_s"] > 0 and r["loss"] > 0 and r["teacher_params"] > 0, name
+        split = r["split"]
+        assert len(split["phases"]) >= 5, name
+        assert 0.5 * split["step_ms"] <= split["phase_sum_ms"] <= 1.01 * split["step_ms"], (name, split)
+        assert r["profile"]["ops"] and all(op["ms_per_step"] >= 0 for op in r["profile"]["ops"]), name
+    assert rows["kd_deepspeed"]["bf16"] is False and rows["kd_deepspeed"]["zero_stage"] == 2
+    assert rows["kd_deepspeed"]["ds_overrides"] == {} and rows["kd_deepspeed_checked"]["ds_overrides"] == CHECKED_DS_CONFIG
+    assert rows["kd_deepspeed"]["compute_grad_norm"] is False and rows["kd_deepspeed_checked"]["compute_grad_norm"] is True
+    assert rows["kd_hybrid"]["teacher"] == "LocalTeacher"
+    assert "kd_deepspeed: phases of one step" in capsys.readouterr().out
+    assert not dist.is_initialized()
