@@ -248,7 +248,7 @@ def kd_recipe(spec: JobSpec, teacher_dir: str, **changes) -> tuple[TrainConfig, 
     kd = spec.kd
     teacher = teacher_folder(kd.teacher) if kd.teacher else teacher_dir
     teacher_factory = functools.partial(load_teacher_model, teacher, spec.teacher.dtype)
-    return train_config(spec, kd, **changes), teacher_factory, kd_objective(kd.temperature, kd.top_k, kd.ce_weight)
+    return train_config(spec, kd, **changes), teacher_factory, kd_objective(kd.temperature, kd.top_k, kd.ce_weight, kd.loss_backend)
 
 
 def curve(history: list[dict]) -> list[dict]:

@@ -227,6 +227,11 @@ class KdSpec(TrainSettings):
     # sends its top-k log-probs, a lower bound on the KL that ignores the tail (zebra.losses.kd_loss)
     top_k: PosInt | None = None
     teacher: str | None = None  # a larger KD teacher (same tokenizer); None: the run's teacher
+    # the full-vocabulary loss: "auto" the fused Triton kernel on GPUs (kernels.kd_loss), else the chunked
+    # PyTorch loop; "torch" always the loop (same arithmetic; not part of the stage's identity)
+    loss_backend: Literal["auto", "triton", "torch"] = "auto"
+
+    HASH_EXCLUDE: ClassVar[frozenset[str]] = TrainSettings.HASH_EXCLUDE | {"loss_backend"}
 
     @field_validator("teacher")
     @classmethod

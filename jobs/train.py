@@ -129,12 +129,13 @@ class Objective:
     loss: Callable[[nn.Module, Any, Batch], Tensor]
 
 
-def kd_objective(temperature: float = 1.0, top_k: int | None = None, ce_weight: float = 0.0) -> Objective:
+def kd_objective(temperature: float = 1.0, top_k: int | None = None, ce_weight: float = 0.0,
+                 backend: str = "auto") -> Objective:
     """Logit distillation: zebra.losses.kd_loss of the student's logits against the teacher's
-    (top_k: the teacher sends only its k most likely tokens per position)."""
+    (top_k: the teacher sends only its k most likely tokens per position; backend: kd_loss's)."""
     return Objective(
         functools.partial(_kd_targets, top_k=top_k, temperature=temperature),
-        functools.partial(_kd_loss, temperature=temperature, ce_weight=ce_weight),
+        functools.partial(_kd_loss, temperature=temperature, ce_weight=ce_weight, backend=backend),
     )
 
 
@@ -142,10 +143,11 @@ def _kd_targets(teacher, batch: Batch, top_k: int | None, temperature: float):
     return teacher.logits(batch["input_ids"], top_k, temperature)
 
 
-def _kd_loss(student: nn.Module, targets, batch: Batch, temperature: float, ce_weight: float) -> Tensor:
+def _kd_loss(student: nn.Module, targets, batch: Batch, temperature: float, ce_weight: float,
+             backend: str = "auto") -> Tensor:
     logits = student(batch["input_ids"]).logits
     labels = batch.get("labels", batch["input_ids"]) if ce_weight > 0 else None
-    return kd_loss(logits, targets, temperature, ce_weight, labels)
+    return kd_loss(logits, targets, temperature, ce_weight, labels, backend=backend)
 
 
 @dataclasses.dataclass

@@ -4,9 +4,12 @@ All losses compute in float32 whatever the input dtype (the full-vocabulary KD l
 float64 inputs), and average over tokens. The full-vocabulary
 KD loss runs over chunks of tokens, so that [tokens, vocab] float32 log-probabilities never exist
 at once (49,152 x 32k tokens would be 6.4 GB): only a chunk's, and the gradient in the logits' dtype.
+On CUDA it runs instead as one fused Triton kernel (kernels.kd_loss; kd_loss's `backend` picks), which keeps
+no float32 [tokens, vocab] temporary at all; the chunked loop stays the reference.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from kernels import kd_loss as kd_kernel
+from kernels.dispatch import use_kernel
+
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 1024  # tokens per chunk of the KD loss: ~200 MB per float32 [chunk, 49152] temporary
+BACKENDS = ("auto", "triton", "torch")  # kd_loss's full-vocabulary path: kernels.kd_loss or the chunked loop
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ def kd_loss(
     ce_weight: float = 0.0,
     labels: Tensor | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
+    backend: str = "auto",
 ) -> Tensor:
     """(1 - ce_weight) * T^2 * KL(teacher || student) + ce_weight * CE(student, labels), token mean.
 
@@ -60,7 +70,10 @@ def kd_loss(
                     TopKLogprobs taken at the same temperature (an option; biased, see below)
     labels          [batch, seq] token ids as in HF (the loss shifts them: logits at t predict
                     labels at t+1), IGNORE_INDEX where no loss; needed when ce_weight > 0
-    chunk_tokens    tokens whose float32 [chunk, vocab] temporaries exist at once
+    chunk_tokens    tokens whose float32 [chunk, vocab] temporaries exist at once (chunked PyTorch path)
+    backend         full-vocabulary teacher only: "auto" the fused Triton kernel (kernels.kd_loss) on CUDA,
+                    else the chunked PyTorch loop; "triton" the kernel or a RuntimeError (on CPU tensors it
+                    runs under TRITON_INTERPRET=1); "torch" the chunked loop
 
     KL is on the softened distributions softmax(z / T); the T^2 keeps gradient scale independent
     of T (Hinton et al.). The teacher is a constant: no gradient flows into it.
@@ -79,6 +92,8 @@ def kd_loss(
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
     if ce_weight > 0 and labels is None:
         raise ValueError("kd_loss: ce_weight > 0 needs labels")
+    if backend not in BACKENDS:
+        raise ValueError(f"kd_loss: backend must be one of {BACKENDS}, got {backend!r}")
     student = student_logits.flatten(0, -2)
     if isinstance(teacher, TopKLogprobs):
         _check_temperature(teacher, temperature)
@@ -91,7 +106,16 @@ def kd_loss(
         raise ValueError(f"kd_loss: teacher logits shape {tuple(teacher.shape)} != student "
                          f"{tuple(student_logits.shape)}")
     targets = _next_token_targets(labels, student_logits.shape[:-1], student.device) if ce_weight > 0 else None
-    return _FullVocabKD.apply(student, teacher.flatten(0, -2), targets, temperature, ce_weight, chunk_tokens)
+    teacher = teacher.flatten(0, -2)
+    fused = _use_fused_kernel(student, teacher, backend)
+    return _FullVocabKD.apply(student, teacher, targets, temperature, ce_weight, chunk_tokens, fused)
+
+
+def _use_fused_kernel(student: Tensor, teacher: Tensor, backend: str) -> bool:
+    """The full-vocabulary dispatch point: True for kernels.kd_loss's fused kernel, False for the chunked loop
+    (RuntimeError when backend "triton" insists on a kernel that cannot run)."""
+    reason = "backend='torch'" if backend == "torch" else kd_kernel.unsupported(student, teacher, backend)
+    return use_kernel(log, "kd_loss", "kernels.kd_loss.kd_rows_triton", reason, backend)
 
 
 def _next_token_targets(labels: Tensor, shape: torch.Size, device) -> Tensor:
@@ -102,7 +126,8 @@ def _next_token_targets(labels: Tensor, shape: torch.Size, device) -> Tensor:
 
 
 class _FullVocabKD(torch.autograd.Function):
-    """(1 - w) T^2 mean KL + w CE over [tokens, vocab] logits, one chunk of tokens at a time.
+    """(1 - w) T^2 mean KL + w CE over [tokens, vocab] logits, one chunk of tokens at a time, or (fused) by
+    kernels.kd_loss's kernel, which computes the same per-row terms and gradient in one launch.
 
     The gradient is computed in the forward pass, chunk by chunk, into one tensor of the student's
     dtype: d/dz_s [T^2 KL(p || q)] = T (q - p) with q = softmax(z_s / T), p = softmax(z_t / T), and
@@ -110,25 +135,20 @@ class _FullVocabKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, targets, temperature, ce_weight, chunk):
+    def forward(ctx, student, teacher, targets, temperature, ce_weight, chunk, fused=False):
         n = student.shape[0]
         n_ce = int((targets != IGNORE_INDEX).sum()) if targets is not None else 0
         if ce_weight > 0 and n_ce == 0:
             raise ValueError("kd_loss: ce_weight > 0 but every label is IGNORE_INDEX")
-        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
-        acc = torch.promote_types(student.dtype, torch.float32)
-        kl_total, ce_total = student.new_zeros((), dtype=acc), student.new_zeros((), dtype=acc)
         kl_scale = (1.0 - ce_weight) * temperature / n
-        for s in range(0, n, chunk):
-            zs, zt = student[s : s + chunk].to(acc), teacher[s : s + chunk].to(acc)
-            log_q, log_p = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)
-            p = log_p.exp()
-            kl_total += torch.where(p > 0, p * (log_p - log_q), 0.0).sum()
-            g = (log_q.exp() - p) * kl_scale if grad is not None else None
-            if ce_weight > 0:
-                ce_total += _ce_chunk(zs, targets[s : s + chunk], g, ce_weight / n_ce)
-            if g is not None:
-                grad[s : s + chunk] = g
+        if fused:
+            grad, kl_rows, ce_rows = kd_kernel.kd_rows_triton(
+                student, teacher, targets if ce_weight > 0 else None, temperature, kl_scale,
+                ce_weight / max(n_ce, 1), write_grad=ctx.needs_input_grad[0])
+            kl_total, ce_total = kl_rows.sum(), ce_rows.sum()
+        else:
+            grad, kl_total, ce_total = _chunked_kd(student, teacher, targets, temperature, ce_weight, chunk,
+                                                   kl_scale, n_ce, ctx.needs_input_grad[0])
         ctx.save_for_backward(grad)
         kl = (1.0 - ce_weight) * temperature**2 * kl_total / n
         return kl + ce_weight * ce_total / max(n_ce, 1)
@@ -136,7 +156,28 @@ class _FullVocabKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
+
+
+def _chunked_kd(student: Tensor, teacher: Tensor, targets: Tensor | None, temperature: float, ce_weight: float,
+                chunk: int, kl_scale: float, n_ce: int, need_grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The reference loop of _FullVocabKD: student, teacher [n, vocab] -> grad [n, vocab] in student's dtype
+    (None unless need_grad), summed KL and summed CE (scalars, at least float32)."""
+    n = student.shape[0]
+    grad = torch.empty_like(student) if need_grad else None
+    acc = torch.promote_types(student.dtype, torch.float32)
+    kl_total, ce_total = student.new_zeros((), dtype=acc), student.new_zeros((), dtype=acc)
+    for s in range(0, n, chunk):
+        zs, zt = student[s : s + chunk].to(acc), teacher[s : s + chunk].to(acc)
+        log_q, log_p = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)
+        p = log_p.exp()
+        kl_total += torch.where(p > 0, p * (log_p - log_q), 0.0).sum()
+        g = (log_q.exp() - p) * kl_scale if grad is not None else None
+        if ce_weight > 0:
+            ce_total += _ce_chunk(zs, targets[s : s + chunk], g, ce_weight / n_ce)
+        if g is not None:
+            grad[s : s + chunk] = g
+    return grad, kl_total, ce_total
 
 
 def _ce_chunk(logits: Tensor, targets: Tensor, grad: Tensor | None, scale: float) -> Tensor:

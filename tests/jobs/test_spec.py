@@ -265,6 +265,7 @@ def test_section_hash_tracks_upstream_only():
 def test_section_hash_ignores_what_does_not_change_outputs():
     base = hashes({})
     assert hashes({"kd": {"log_every": 1, "checkpoint_every": 7, "teacher_mode": "inprocess"}}) == base
+    assert hashes({"kd": {"loss_backend": "torch"}}) == base  # the same loss, by the kernel or the loop
     assert hashes({"dpo": {"beta": 0.5}}) == base  # dpo is disabled: only that it is disabled counts
     assert hashes({"dpo": {"enabled": True}})["export"] != base["export"]
     assert hashes({"storage": {"uri": "runs/elsewhere"}, "cluster": {"num_cpus": 2}}) == base
@@ -422,3 +423,13 @@ def test_jobs_run_refuses_before_ray_starts(hub, tmp_path, capsys, data, message
     err = capsys.readouterr().err
     assert message in err and str(path) in err, err
     assert ray.is_initialized() == was_up
+
+
+def test_kd_loss_backend_reaches_the_objective_and_is_checked():
+    from jobs.context import kd_recipe
+
+    spec = load_spec({"kd": {"loss_backend": "torch"}})
+    _, _, objective = kd_recipe(spec, "unused-teacher-dir")
+    assert objective.loss.keywords["backend"] == "torch"
+    with pytest.raises(SpecError, match="loss_backend"):
+        load_spec({"kd": {"loss_backend": "cuda"}})
