@@ -103,7 +103,7 @@ class Mamba2Mixer(nn.Module):
             mask = new_token_mask(attention_mask, cache, new)[..., None].to(hidden_states.dtype)
         if mask is not None:
             hidden_states = hidden_states * mask
-        z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+        z, xbc, dt = self._in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         dt = F.softplus((dt + self.dt_bias).to(dtype))
         valid = cache.valid if cache is not None else None
@@ -117,6 +117,17 @@ class Mamba2Mixer(nn.Module):
             if cache is not None:
                 cache.set_mamba_state(self.layer_idx, window, ssm)
         return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def _in_proj(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """in_proj(hidden_states) [..., d_inner + conv_dim + heads]. Its width is odd where heads is (SmolLM2:
+        576 + 960 + 9 = 1545), and cuBLAS runs a bf16 product whose rows are not a multiple of 8 elements (16
+        bytes) on slow fallback kernels (an H200 profile: 27 such calls per pass, ~45 ms of a 239 ms training
+        step); so the weight is zero-padded to a multiple of 8 rows for the product and the output cut back."""
+        weight, width = self.in_proj.weight, self.in_proj.out_features
+        pad = -width % 8
+        if pad == 0:
+            return self.in_proj(hidden_states)
+        return F.linear(hidden_states, F.pad(weight, (0, 0, 0, pad)))[..., :width]
 
     def _scan(self, xbc, dt, state, mask, valid=None):
         """xbc [b, t, conv_dim], dt [b, t, heads], state (window, ssm) or None, mask [b, t, 1] or None, valid

@@ -105,6 +105,35 @@ def test_engine_clips_per_student_and_follows_the_schedule(one_rank_group, zero_
     assert lrs[0] == pytest.approx(cfg.lr)
 
 
+class OddSizes(nn.Module):
+    """Vectors of 9 elements between matrices, as a hybrid's dt_bias / A_log / D sit between its projections."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.odd, self.second, self.odd2, self.third = (
+            nn.Linear(8, 8), nn.Parameter(torch.randn(9)), nn.Linear(8, 8), nn.Parameter(torch.randn(3)),
+            nn.Linear(8, 8))
+
+    def forward(self, x):
+        return (self.third(self.second(self.first(x)) * self.odd[:8].sum() * self.odd2.sum())).square().mean()
+
+
+def test_zero2_keeps_every_weight_16_byte_aligned(one_rank_group):
+    """ZeRO-2 packs the weights into one flat buffer; with the stage's config every weight starts on a 16-byte
+    boundary however odd the sizes before it (cuBLAS's fast kernels need it), and training still works."""
+    cfg = TrainConfig(workers=1, zero_stage=2, lr=1e-2, total_steps=2, micro_batch=4)
+    model = OddSizes()
+    engine = _engine(cfg, model, world=1)
+    misaligned = [name for name, p in engine.module.named_parameters() if p.data_ptr() % 16]
+    assert not misaligned, misaligned
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    before = engine.module.third.weight.detach().clone()
+    engine.backward(engine(x))
+    engine.step()
+    assert not torch.equal(before, engine.module.third.weight)
+
+
 def test_spec_fields_reach_the_recipe_and_are_checked():
     from jobs.context import train_config
     from jobs.spec import SpecError, load_spec
