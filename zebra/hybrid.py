@@ -62,16 +62,19 @@ def mla_layers_swapped_in(mamba: ZebraForCausalLM, mla: ZebraForCausalLM, layers
         mamba.config.mixer_types = types
 
 
-def kl_of_choices(mla_dir: str, mamba_dir: str, choices: list[list[int]], logits: Tensor, ids: Tensor,
+def kl_of_choices(mla_dir: str, mamba_dir: str, choices: list[list[int]], teacher: Tensor | nn.Module, ids: Tensor,
                   device: torch.device) -> list[float]:
-    """Held-out KL of the hybrid for each choice of MLA layers (each student is loaded once), on
-    `device`; logits [n, seq, vocab] may stay in host memory, ids [n, seq]."""
+    """Held-out KL of the hybrid for each choice of MLA layers (each student is loaded once), on `device`;
+    ids [n, seq]. teacher: its logits [n, seq, vocab] (may stay in host memory), or the teacher model itself,
+    whose logits are then recomputed a batch at a time for each choice (teacher_student_kl): on a GPU a
+    teacher forward costs less than holding or shipping n x seq x vocab float32 (32 x 1024 tokens: 6.4 GB)."""
     mla, mamba = load_student(mla_dir).to(device), load_student(mamba_dir).to(device)
     ids = ids.to(device)
     kls = []
     for choice in choices:
         with mla_layers_swapped_in(mamba, mla, choice) as hybrid:
-            kls.append(held_out_kl(hybrid, logits, ids))
+            kls.append(teacher_student_kl(teacher, hybrid, ids) if isinstance(teacher, nn.Module)
+                       else held_out_kl(hybrid, teacher, ids))
     return kls
 
 

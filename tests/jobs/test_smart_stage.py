@@ -34,6 +34,26 @@ def test_swapped_layers_score_like_composed_hybrids(tmp_path):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=0)
 
 
+def test_choices_scored_with_the_teacher_model_equal_scored_with_its_logits(tmp_path):
+    """The GPU tasks' path (the teacher model in the task, logits recomputed per batch) gives the KLs of the
+    path that ships the driver's logits."""
+    teacher = tiny_llama(dtype=torch.float32, seed=0)
+    mla_dir, mamba_dir = saved_students(tmp_path, teacher)
+    ids = torch.randint(0, teacher.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(2))
+    want = kl_of_choices(mla_dir, mamba_dir, CHOICES, teacher_logits(teacher, ids), ids, torch.device("cpu"))
+    got = kl_of_choices(mla_dir, mamba_dir, CHOICES, teacher, ids, torch.device("cpu"))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=0)
+    # the stage's task body, as a GPU task gets it: a teacher factory, not logits
+    from jobs.stages.smart import _task
+
+    threads = torch.get_num_threads()
+    try:
+        by_factory = _task(mla_dir, mamba_dir, CHOICES, lambda: teacher, ids)
+    finally:
+        torch.set_num_threads(threads)  # the task pins one thread
+    torch.testing.assert_close(torch.tensor(by_factory), torch.tensor(want), rtol=1e-6, atol=0)
+
+
 def test_swap_is_undone(tmp_path):
     teacher = tiny_llama(dtype=torch.float32, seed=0)
     mla_dir, mamba_dir = saved_students(tmp_path, teacher)
