@@ -4,6 +4,7 @@
 # tree (the host replaces the uploaded tree on every call). After the stage bundle
 # (`source /tmp/zebra-stage/env.sh`):
 #   bash benchmarks/gpu_quality.sh start     # returns at once; logs in /tmp/quality/*.log
+#                                            # (SPEC_SET="kd.tokens=N ..." changes fields of both runs' specs)
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
 #   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
@@ -20,6 +21,28 @@ start)
         -e 's/^name: .*/name: smollm2-prose-mla2/' -e 's#uri: runs/.*#uri: runs/smollm2-prose-mla2#' \
         jobs/examples/smollm2-prose-1gpu.yaml > $Q/mla2.yaml
     grep -q "num_mla_layers: 2" $Q/mla2.yaml || { echo "mla2 spec not written"; exit 1; }
+    # SPEC_SET="kd.tokens=36700160 ild.tokens=6291456": fields of both specs changed for this run (no edit needed)
+    for f in jobs/examples/smollm2-prose-1gpu.yaml $Q/mla2.yaml; do
+        [ -z "${SPEC_SET:-}" ] || python - "$f" $SPEC_SET <<'PY' || exit 1
+import sys, yaml
+path, sets = sys.argv[1], sys.argv[2:]
+spec = yaml.safe_load(open(path))
+for item in sets:
+    key, value = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = spec
+    for name in parents:
+        node = node.setdefault(name, {})
+    parsed = yaml.safe_load(value)
+    try:  # YAML 1.1 reads 1e-4 as a string
+        parsed = float(parsed) if isinstance(parsed, str) else parsed
+    except ValueError:
+        pass
+    node[leaf] = parsed
+    print(f"{path}: {key} = {node[leaf]!r}")
+yaml.safe_dump(spec, open(path, "w"), sort_keys=False)
+PY
+    done
     for run in "0 jobs/examples/smollm2-prose-1gpu.yaml mla3" "1 $Q/mla2.yaml mla2"; do
         set -- $run
         CUDA_VISIBLE_DEVICES=$1 PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$2" >> $Q/$3.log 2>&1 < /dev/null &
