@@ -4,7 +4,8 @@
 # tree (the host replaces the uploaded tree on every call). After the stage bundle
 # (`source /tmp/zebra-stage/env.sh`):
 #   bash benchmarks/gpu_quality.sh start     # returns at once; logs in /tmp/quality/*.log
-#                                            # (SPEC_SET="kd.tokens=N ..." changes fields of both runs' specs)
+#                                            # (SPEC_SET="kd.tokens=N ..." changes fields of both runs' specs;
+#                                            # give the same SPEC_SET again to resume, or the stages rerun)
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
 #   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
