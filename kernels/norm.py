@@ -1,5 +1,6 @@
-"""Mamba2's gated RMSNorm, out = RMSNorm(y * silu(z)) * weight with the RMS taken per group of channels:
-a plain-PyTorch reference, Triton kernels (forward and backward) and one dispatch point.
+"""Mamba2's gated RMSNorm, out = RMSNorm(y * silu(z)) * weight with the RMS taken per group of channels, and
+the decoder layers' plain RMSNorm (LlamaRMSNorm's numerics, `rms_norm`; see its section below): each a
+plain-PyTorch reference, Triton kernels (forward and backward) and one dispatch point.
 
 For each row m and group j of `group_size` consecutive channels (g = y * silu(z) on that group):
     rstd[m, j] = 1 / sqrt(mean(g^2) + eps)        out = g * rstd * weight
@@ -207,3 +208,151 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     if use_kernel(log, "gated_rms_norm", "kernels.norm.gated_rms_norm_triton", reason, backend):
         return gated_rms_norm_triton(y, z, weight, group_size, eps)
     return gated_rms_norm_ref(y, z, weight, group_size, eps)
+
+
+# == plain RMSNorm (the decoder layers' input/post-attention norms and the final norm) ===================
+# y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), the mean over the last dim: transformers'
+# LlamaRMSNorm. The normalised x is computed in float32 and cast to x's dtype BEFORE the weight multiplies it;
+# the output has dtype promote_types(x.dtype, weight.dtype) (float32 for bfloat16 x and a float32 weight).
+# The kernels read x once and write y once; the backward reads x, dy and rstd [m] (float32) and writes dx and
+# one float32 partial sum of dweight per program. The cast of the normalised x is treated as the identity in dx
+# (as a straight-through rounding), so dx equals the reference's up to rounding.
+RMS_TILE = 4096  # elements per [rows, BLOCK_N] tile: BLOCK_N = next_power_of_2(dim), rows = RMS_TILE // BLOCK_N
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., dim], weight [dim] -> [..., dim] in promote_types(x.dtype, weight.dtype); LlamaRMSNorm.forward
+    op for op (float32 inside whatever x's dtype, float64 included)."""
+    input_dtype = x.dtype
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(input_dtype)
+
+
+@triton.jit
+def _rms_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, M, N, s_x, s_out, eps,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_M rows of x [M, N] per program, grid (cdiv(M, BLOCK_M),); rstd [M] float32."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * s_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+    normed = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)  # LlamaRMSNorm's cast before weight
+    tl.store(out_ptr + rows[:, None] * s_out + cols[None, :], (normed * w[None, :]).to(out_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+
+
+@triton.jit
+def _rms_bwd_kernel(dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N, s_dout, s_x, s_dx,
+                    STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx for STEPS tiles of BLOCK_M rows and this program's partial sum of dweight (dw_part [programs, N],
+    float32); grid (cdiv(M, STEPS * BLOCK_M),)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask_c = cols < N
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(STEPS):
+        rows = (pid * STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & mask_c[None, :]
+        x = tl.load(x_ptr + rows[:, None] * s_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + rows[:, None] * s_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+        n = x * rstd[:, None]
+        dw += dout * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+        dn = dout * w[None, :]
+        dx = rstd[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / N)[:, None])
+        tl.store(dx_ptr + rows[:, None] * s_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + pid * N + cols, tl.sum(dw, axis=0), mask=mask_c)
+
+
+def _rms_blocks(dim: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the tiles for rows of `dim` elements."""
+    block_n = triton.next_power_of_2(dim)
+    return max(1, min(32, RMS_TILE // block_n)), block_n
+
+
+@torch.library.custom_op("zebra::rms_norm_fwd", mutates_args=())
+def _rms_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, dim] (rows of any stride), weight [dim] -> out [m, dim] in promote_types(x, weight), rstd [m]
+    float32."""
+    (m, dim), x = x.shape, _rows(x)
+    out = torch.empty(m, dim, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    block_m, block_n = _rms_blocks(dim)
+    _rms_fwd_kernel[(triton.cdiv(m, block_m),)](x, weight, out, rstd, m, dim, x.stride(0), out.stride(0), eps,
+                                                BLOCK_M=block_m, BLOCK_N=block_n)
+    return out, rstd
+
+
+@_rms_fwd.register_fake
+def _(x, weight, eps):
+    out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return out, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("zebra::rms_norm_bwd", mutates_args=())
+def _rms_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients dx [m, dim] (x's dtype) and dweight [dim] (weight's dtype) given dout [m, dim] and the
+    forward's rstd [m]."""
+    (m, dim), dout, x = x.shape, _rows(dout), _rows(x)
+    dx = torch.empty(m, dim, device=x.device, dtype=x.dtype)
+    block_m, block_n = _rms_blocks(dim)
+    programs = triton.cdiv(m, ROW_STEPS * block_m)
+    dw_part = torch.empty(programs, dim, device=x.device, dtype=torch.float32)
+    _rms_bwd_kernel[(programs,)](dout, x, weight, rstd, dx, dw_part, m, dim, dout.stride(0), x.stride(0),
+                                 dx.stride(0), STEPS=ROW_STEPS, BLOCK_M=block_m, BLOCK_N=block_n)
+    return dx, dw_part.sum(0).to(weight.dtype)
+
+
+@_rms_bwd.register_fake
+def _(dout, x, weight, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _rms_setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_backward(ctx, dout, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = _rms_bwd(dout, x, weight, rstd)
+    return dx, dweight, None
+
+
+_rms_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same arguments and result as `rms_norm_ref` (up to rounding), by the Triton kernels; differentiable in x
+    and weight."""
+    dim = x.shape[-1]
+    if weight.shape != (dim,):
+        raise ValueError(f"rms_norm: need x [..., dim] and weight [dim]; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    out, _ = _rms_fwd(x.reshape(-1, dim), weight, eps)
+    return out.view(*x.shape[:-1], dim)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """weight * RMSNorm(x) over the last dim with LlamaRMSNorm's numerics; the one dispatch point between the
+    Triton kernels and `rms_norm_ref`.
+
+    x [..., dim], weight [dim] -> [..., dim] in promote_types(x.dtype, weight.dtype). backend
+    (ZebraConfig.mamba_backend) "auto" and "cuda": the kernel on CUDA, else the reference; "triton": the kernel
+    or an error (CPU tensors only under TRITON_INTERPRET=1); "torch": the reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"rms_norm: backend must be one of {BACKENDS}, got {backend!r}")
+    reason = "backend='torch'" if backend == "torch" else _unsupported(x, backend)
+    if reason is None and weight.dtype not in KERNEL_DTYPES:
+        reason = f"weight dtype {weight.dtype} has no kernel"
+    if use_kernel(log, "rms_norm", "kernels.norm.rms_norm_triton", reason, backend):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)

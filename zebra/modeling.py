@@ -1,7 +1,7 @@
 """ZebraForCausalLM: a Llama whose attention layers are MLA or Mamba2 token mixers.
 
 Embeddings, norms, MLPs and LM head are the teacher's (the Llama modules themselves, so converted
-weights load unchanged). The decode cache is a static `ZebraCache` (zebra.cache): latent + RoPE key for
+weights load unchanged; the norms are ZebraRMSNorm, a LlamaRMSNorm on kernels.norm's fused kernel). The decode cache is a static `ZebraCache` (zebra.cache): latent + RoPE key for
 MLA layers, conv window + SSM state for Mamba2 layers, in buffers preallocated for max_len tokens.
 `generate()` builds one sized for its max_length; a forward with use_cache and no cache builds one of
 config.max_position_embeddings tokens. transformers >= 5.24 names the cache argument `cache`, earlier
@@ -15,6 +15,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+from kernels.norm import rms_norm
+
 from .cache import ZebraCache, new_token_mask
 from .config import ZebraConfig
 from .mamba2 import Mamba2Mixer
@@ -25,15 +27,28 @@ MIXERS = {"mla": MLAttention, "mamba": Mamba2Mixer}
 CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+class ZebraRMSNorm(LlamaRMSNorm):
+    """LlamaRMSNorm (same `weight` parameter, state dict and numerics) computed by kernels.norm.rms_norm: its fused
+    Triton kernel on CUDA, LlamaRMSNorm's own formula elsewhere; backend as ZebraConfig.mamba_backend."""
+
+    def __init__(self, hidden_size: int, eps: float, backend: str = "auto"):
+        super().__init__(hidden_size, eps=eps)
+        self.backend = backend
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] -> [..., hidden] in promote_types(hidden_states.dtype, weight.dtype)."""
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, self.backend)
+
+
 class ZebraDecoderLayer(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, config: ZebraConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.mixer_types[layer_idx]
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps, config.mamba_backend)
         self.mixer = MIXERS[self.layer_type](config, layer_idx)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps, config.mamba_backend)
         self.mlp = LlamaMLP(config)
 
     def forward(self, hidden_states, position_ids, cache=None, attention_mask=None):
@@ -71,7 +86,7 @@ class ZebraModel(ZebraPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(ZebraDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps, config.mamba_backend)
         self.post_init()
 
     def forward(
