@@ -62,7 +62,7 @@ collect)
     for d in $Q/tree/runs/*/; do n=$(basename "$d"); mkdir -p "$OUT/$n"
         cp -r "$d"report "$OUT/$n/" 2>/dev/null; cp "$d"eval/*.md "$d"eval/*.json "$OUT/$n/" 2>/dev/null; done ;;
 bench)
-    # parts in the order given (default: serve kd tests decode): the KD-loss kernel's GPU test, serving against the
+    # parts in the order given (default: serve kd tests decode): the KD-loss and norm kernels' GPU tests, serving against the
     # default teacher, the KD step's profile (benchmarks.train_step), the GPU tests of the engine and decoder,
     # decode at 16k with engine rows
     OUT=${OUT:-runs/quality}; mkdir -p "$OUT"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -73,8 +73,8 @@ bench)
     kd) timeout ${T_KD:-170} python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed \
         kd_deepspeed_checked --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \
         | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
-    kernels) timeout ${T_KERNELS:-120} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
-        2>&1 | tail -12 ;;
+    kernels) timeout ${T_KERNELS:-150} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
+        tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py 2>&1 | tail -14 ;;
     tests) timeout ${T_TESTS:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/serve/test_engine.py \
         tests/zebra/test_varlen_prefill.py tests/zebra/test_decode.py tests/test_benchmarks_train_step.py 2>&1 | tail -8 ;;
     decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
