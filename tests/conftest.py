@@ -36,6 +36,11 @@ def tiny_llama(dtype=torch.float64, seed=None, **overrides) -> LlamaForCausalLM:
     return model
 
 
+def rel(a, b) -> float:
+    """Relative error of a against b (Frobenius norms)."""
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.fixture
 def teacher64():
     return tiny_llama()

@@ -96,14 +96,7 @@ def test_one_token_requests_are_scored_together(engine, model64):
     score = scorer._score
     scorer._score = lambda batch: (batches.append([len(r.prompt.ids) for r in batch]), score(batch))[1]
     prompts = [Prompt(random_ids(3 + 5 * i % 13, 40 + i), greedy(i % 2), logprobs=2, echo=True) for i in range(9)]
-    done: dict[int, object] = {}
-    with scorer._wake:  # the scheduler sees them all waiting at once, as with lm-eval's concurrent requests
-        for i, prompt in enumerate(prompts):
-            scorer.submit(prompt, lambda u, i=i: done.__setitem__(i, u))
-    deadline = time.monotonic() + 60
-    while len(done) < len(prompts) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    scorer.close()
+    done = serve_waiting_at_once(scorer, prompts)  # all waiting at once, as with lm-eval's concurrent requests
     print("batches (prompt lengths)", batches)
     assert sorted(n for b in batches for n in b) == sorted(len(p.ids) for p in prompts)
     assert len(batches) < len(prompts)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zebra.cache import ZebraCache
+from tests.conftest import rel
 from zebra.convert import convert, hybrid_config
 from zebra.kv import kv_bytes_per_token, state_bytes_per_sequence
 
@@ -20,10 +21,6 @@ def hybrid(teacher64):
                 layer.mixer.conv1d.weight.normal_(0.0, 0.5)
                 layer.mixer.conv1d.bias.normal_(0.0, 0.5)
     return model
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -4,18 +4,8 @@ CUDA the graph-captured step against the eager one."""
 import pytest
 import torch
 
-from zebra.convert import convert, hybrid_config
+from tests.conftest import rel
 from zebra.decode import Decoder, default_buckets
-
-
-@pytest.fixture
-def hybrid(teacher64):
-    cfg = hybrid_config(teacher64.config, [1, 2], kv_rank=24, qk_rope_dim=8, chunk_size=4)
-    return convert(teacher64, cfg, calib_ids=torch.randint(0, 256, (2, 16)))
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def test_buckets_cover_every_batch_within_one_and_a_half():

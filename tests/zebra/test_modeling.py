@@ -7,11 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import zebra
+from tests.conftest import rel
 from zebra.convert import convert, full_rank_mla_config, hybrid_config, layer_init_errors
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def test_full_rank_mla_reproduces_teacher_logits(teacher64):

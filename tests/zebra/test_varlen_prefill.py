@@ -13,18 +13,8 @@ if not torch.cuda.is_available():  # read when the Triton kernels are decorated 
 
 from kernels.ssd import ssd_scan
 from zebra.cache import ZebraCache
-from zebra.convert import convert, hybrid_config
+from tests.conftest import rel
 from zebra.decode import Decoder
-
-
-@pytest.fixture
-def hybrid(teacher64):
-    cfg = hybrid_config(teacher64.config, [1, 2], kv_rank=24, qk_rope_dim=8, chunk_size=4)
-    return convert(teacher64, cfg, calib_ids=torch.randint(0, 256, (2, 16)))
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def row_state(cache: ZebraCache, row: int) -> list[torch.Tensor]:
