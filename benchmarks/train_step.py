@@ -29,7 +29,7 @@ Prints a table of ratios against (a) and writes JSON. Timings only: nothing is a
     python -m benchmarks.train_step --tiny                           # CPU smoke run, tiny shapes, seconds
     python -m benchmarks.train_step --compile --models transformer hybrid_triton   # torch.compile'd steps
     python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed kd_deepspeed_checked \
-        --profile --out kd.json      # the DeepSpeed rows need deepspeed and ray (on the GPU: the stage bundle)
+        --profile --out kd.json      # the KD rows need ray, the DeepSpeed ones deepspeed (on the GPU: the stage bundle)
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from kernels.norm import gated_rms_norm  # noqa: E402
 from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
-from zebra.losses import kd_loss, top_k_logprobs  # noqa: E402
+from zebra.losses import kd_loss  # noqa: E402
 from zebra.modeling import ZebraForCausalLM  # noqa: E402
 
 log = logging.getLogger("benchmarks.train_step")
@@ -236,7 +236,9 @@ def bench_kd_hybrid(student, teacher_factory, kd: KDSetup, device) -> dict:
     """A KD step of the stage's objective with a plain training loop: LocalTeacher.logits, the student
     forward under bf16 autocast (float32 weights, as bench_train_step), kd_loss, backward, fused AdamW.
     Timed whole, then split into phases (time_phases), then optionally profiled."""
-    teacher = local_teacher(teacher_factory, device)
+    from cluster.teacher import LocalTeacher
+
+    teacher = LocalTeacher(teacher_factory, device)
     student.to(device).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, student.config.vocab_size, (kd.batch, kd.seq), device=device)
@@ -257,31 +259,6 @@ def bench_kd_hybrid(student, teacher_factory, kd: KDSetup, device) -> dict:
     if kd.profile_steps:
         out["profile"] = profile_ops(step, kd.profile_steps, device, step_s)
     return out
-
-
-def local_teacher(factory, device):
-    """cluster.teacher.LocalTeacher(factory, device); where Ray (which cluster.teacher imports) is absent,
-    as on the bare GPU image, BareTeacher, a copy of its logits call."""
-    try:
-        from cluster.teacher import LocalTeacher
-    except ImportError as err:
-        log.warning("cluster.teacher does not import (%s): the KD teacher is BareTeacher, its copy", err)
-        return BareTeacher(factory, device)
-    return LocalTeacher(factory, device)
-
-
-class BareTeacher:
-    """cluster.teacher.LocalTeacher's constructor and logits(), for a process without Ray."""
-
-    def __init__(self, factory, device):
-        self.device = torch.device(device)
-        self.model = factory().to(self.device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def logits(self, input_ids: Tensor, top_k: int | None = None, temperature: float = 1.0):
-        """[batch, seq, vocab] logits, or with top_k the k largest log-probabilities at `temperature`."""
-        logits = self.model(input_ids.to(self.device)).logits
-        return logits if top_k is None else top_k_logprobs(logits, top_k, temperature)
 
 
 def kd_forward_backward(student, teacher, ids: Tensor, kd: KDSetup, autocast, timer=None) -> Tensor:

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.train_step import (CHECKED_DS_CONFIG, BareTeacher, KDSetup, kd_forward_backward, main, profile_ops,
+from benchmarks.train_step import (CHECKED_DS_CONFIG, KDSetup, kd_forward_backward, main, profile_ops,
                                    time_phases)
 from cluster.teacher import LocalTeacher
 from jobs.train import _kd_loss, _kd_targets
@@ -38,17 +38,6 @@ def test_kd_step_matches_the_stage_objective(top_k, ce_weight):
     for name, p in student.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
     assert any(g.abs().sum() > 0 for g in ours.values())
-
-
-def test_bare_teacher_is_local_teachers_logits():
-    """The teacher the benchmark falls back to without Ray gives LocalTeacher's outputs, full and top-k."""
-    ids = torch.randint(0, 256, (2, 12))
-    ours, theirs = BareTeacher(lambda: tiny_llama(seed=5), "cpu"), LocalTeacher(lambda: tiny_llama(seed=5), "cpu")
-    torch.testing.assert_close(ours.logits(ids), theirs.logits(ids), rtol=0, atol=0)
-    a, b = ours.logits(ids, 5, 2.0), theirs.logits(ids, 5, 2.0)
-    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=0)
-    assert torch.equal(a.indices, b.indices) and a.temperature == b.temperature == 2.0
-    assert not ours.model.training and not any(p.requires_grad for p in ours.model.parameters())
 
 
 def test_phase_split_covers_the_step_and_profile_ranks_ops():
