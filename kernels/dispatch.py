@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -17,6 +18,14 @@ def log_once(logger: logging.Logger, message: str) -> None:
     (or a traced cache wrapper) breaks the graph, and the eager call before or after logs it anyway."""
     if not torch.compiler.is_compiling():
         _log_cached(logger.name, message)
+
+
+def device_reason(t: torch.Tensor, backend: str) -> str | None:
+    """Why a Triton kernel cannot run on t's device (None when it can): it runs on CUDA tensors, and for backend
+    "triton" also on CPU tensors under TRITON_INTERPRET=1 (the tests; "auto" never picks the interpreter)."""
+    if t.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    return f"tensors are on {t.device.type}"
 
 
 # Per kind of kernel: how the log names it, the backend that insists on it, and the end of its error.

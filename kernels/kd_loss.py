@@ -16,11 +16,11 @@ zebra.losses feeds to kernels.dispatch.use_kernel.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels.dispatch import device_reason
 
 IGNORE_INDEX = -100  # zebra.losses.IGNORE_INDEX (kernels/ does not import zebra/)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -124,8 +124,9 @@ def kd_rows_triton(student: torch.Tensor, teacher: torch.Tensor, targets: torch.
 def unsupported(student: torch.Tensor, teacher: torch.Tensor, backend: str) -> str | None:
     """Why the kernel cannot take this call (None when it can). Besides CUDA, backend "triton" runs it on CPU
     tensors under TRITON_INTERPRET=1 (the tests); "auto" never picks the interpreter."""
-    if not (student.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
-        return f"tensors are on {student.device.type}"
+    reason = device_reason(student, backend)
+    if reason is not None:
+        return reason
     if teacher.device != student.device:
         return f"teacher logits are on {teacher.device}, student logits on {student.device}"
     for name, t in (("student", student), ("teacher", teacher)):

@@ -15,13 +15,12 @@ torch.compile keeps them whole, with no graph break) with their autograd formula
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_kernel
+from kernels.dispatch import device_reason, use_kernel
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +186,9 @@ def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor
 def _unsupported(y: torch.Tensor, backend: str) -> str | None:
     """Why the Triton kernel cannot take this call (None when it can). Besides CUDA, backend "triton" runs it on
     CPU tensors under TRITON_INTERPRET=1."""
-    if not (y.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
-        return f"tensors are on {y.device.type}"
+    reason = device_reason(y, backend)
+    if reason is not None:
+        return reason
     if y.dtype not in KERNEL_DTYPES:
         return f"dtype {y.dtype} has no kernel"
     return None

@@ -16,13 +16,12 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_kernel
+from kernels.dispatch import device_reason, use_kernel
 
 # Our Triton kernels, imported up front so that `_load` finds them in sys.modules: torch.compile traces that
 # lookup, where an import inside a compiled forward would break its graph. Without triton, `_load` says why.
@@ -202,8 +201,8 @@ def _ssd_triton(x, chunk_size: int, backend: str):
 
     It runs on CUDA tensors, and for backend "triton" also on CPU tensors under TRITON_INTERPRET=1.
     """
-    fn, reason = None, f"tensors are on {x.device.type}"
-    if x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+    fn, reason = None, device_reason(x, backend)
+    if reason is None:
         fn, reason = _load("kernels.ssd_scan", "ssd_scan_triton")
     if fn is not None and x.dtype not in KERNEL_DTYPES:
         fn, reason = None, f"dtype {x.dtype} has no kernel"
@@ -256,8 +255,8 @@ def _conv_triton(x, weight, bias, initial_window, backend: str, activation: str 
 
     It runs on CUDA tensors, and for backend "triton" also on CPU tensors under TRITON_INTERPRET=1.
     """
-    fn, reason = None, f"tensors are on {x.device.type}"
-    if x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+    fn, reason = None, device_reason(x, backend)
+    if reason is None:
         fn, reason = _load("kernels.conv1d", "causal_conv1d_triton")
     if fn is not None:
         reason = _conv_unsupported(x, weight, initial_window, package=False)
