@@ -495,8 +495,8 @@ class GroupClippedAdamW(torch.optim.AdamW):
             group["grad_norm"] = norm
             finite = torch.isfinite(norm)
             scale = torch.where(finite, (self.max_norm / (norm + 1e-6)).clamp(max=1.0), 0.0)
-            for g in grads:
-                g.copy_(torch.where(finite, g * scale.to(g.dtype), 0.0))
+            for g in grads:  # in place: a finite group has nothing to replace; a non-finite one ends all zeros
+                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(scale.to(g.dtype))
         return super().step(closure)
 
 
