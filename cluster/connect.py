@@ -68,9 +68,20 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     return "embedded"
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def embedded_worker_setup() -> None:
     """Every process of an embedded Ray runs this first (Ray's worker_process_setup_hook): loggers that
     only report the missing dashboard's State API are kept to errors. (The cleaner they belong to frees a
-    dead controller's placement groups; an embedded cluster ends with its driver anyway.)"""
+    dead controller's placement groups; an embedded cluster ends with its driver anyway.)
+
+    A filter, not a level: Ray Train's logging setup (logging.config.dictConfig for `ray.train`, run
+    again in a worker process that Ray reuses for a controller) sets every child logger back to NOTSET,
+    and the cleaner's warnings then reached the driver's stderr. dictConfig leaves filters alone."""
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        if _errors_only not in logger.filters:
+            logger.addFilter(_errors_only)

@@ -146,6 +146,9 @@ def test_submit_refuses_a_bad_spec_before_ray(tmp_path, capsys):
 
 # ---- zebra convert: refusals before any work, and a run that never loads Ray -------------------------
 
+RAY_LOG_LINE = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")
+
+
 def usage_error(argv: list[str]) -> str:
     """stderr of `zebra ARGV`, which must exit 2 (argparse or UsageError)."""
     err = io.StringIO()
@@ -153,7 +156,8 @@ def usage_error(argv: list[str]) -> str:
         main(argv)
     assert info.value.code == 2, err.getvalue()
     print(err.getvalue())
-    return err.getvalue()
+    # lines Ray's log monitor thread wrote meanwhile for the session's cluster ("(Actor pid=N) ...")
+    return "".join(line for line in err.getvalue().splitlines(keepends=True) if not RAY_LOG_LINE.match(line))
 
 
 @pytest.mark.parametrize("args, message", [

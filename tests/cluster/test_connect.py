@@ -84,3 +84,32 @@ def test_unreachable_address_fails_fast_naming_it(monkeypatch):
     with pytest.raises(ClusterUnreachable, match="port is not a number"):
         check_reachable("127.0.0.1:http")
     assert time.monotonic() - start < 30
+
+
+def test_quiet_loggers_survive_ray_trains_logging_setup():
+    """Ray Train configures `ray.train` with logging.config.dictConfig in every controller process (and Ray
+    reuses worker processes), which sets child loggers back to NOTSET: the cleaner's State-API warnings
+    must stay out anyway, and its errors must still come through."""
+    import logging.config
+
+    from cluster.connect import QUIET_LOGGERS, embedded_worker_setup
+
+    logger = logging.getLogger(QUIET_LOGGERS[0])
+    saved = logger.level, list(logger.filters), list(logger.handlers), logger.propagate
+    seen: list[int] = []
+    try:
+        embedded_worker_setup()
+        embedded_worker_setup()  # a second run (a reused process) adds nothing
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False,
+                                   "loggers": {"ray.train": {"level": "INFO"}}})
+        assert logger.level == logging.NOTSET  # what the dictConfig did to the level
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.levelno)
+        logger.addHandler(handler)
+        logger.warning("Failed to query Ray Train Controller actor state.")
+        logger.error("a real error")
+    finally:
+        logger.setLevel(saved[0])
+        logger.filters[:], logger.handlers[:], logger.propagate = saved[1], saved[2], saved[3]
+        logging.getLogger("ray.train").setLevel(logging.NOTSET)
+    assert seen == [logging.ERROR]

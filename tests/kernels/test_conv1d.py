@@ -11,7 +11,6 @@ if not torch.cuda.is_available():  # read when the kernels are decorated, so bef
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import dispatch
-from kernels import ssd  # noqa: E402
 from kernels.conv1d import causal_conv1d_triton  # noqa: E402
 from kernels.ssd import causal_conv1d, causal_conv1d_ref  # noqa: E402
 

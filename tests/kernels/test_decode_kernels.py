@@ -13,7 +13,6 @@ if not torch.cuda.is_available():  # read when the kernels are decorated, so bef
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import dispatch
-from kernels import decode  # noqa: E402
 from kernels.decode import (  # noqa: E402
     mamba2_decode,
     mamba2_decode_step,

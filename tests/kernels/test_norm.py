@@ -16,7 +16,6 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # read when the kernels are decorated, so before the import below
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import norm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
 from kernels.norm import gated_rms_norm, gated_rms_norm_ref, gated_rms_norm_triton  # noqa: E402

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels import dispatch
-from kernels import ssd
 from kernels.ssd import (
     causal_conv1d,
     causal_conv1d_ref,

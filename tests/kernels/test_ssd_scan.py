@@ -15,7 +15,6 @@ if not torch.cuda.is_available():  # read when the kernels are decorated, so bef
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import dispatch
-from kernels import ssd  # noqa: E402
 from kernels import ssd_scan as triton_scan  # noqa: E402
 from kernels.ssd import ssd_chunked_ref, ssd_scan  # noqa: E402
 from kernels.ssd_scan import ssd_scan_triton  # noqa: E402
