@@ -364,8 +364,8 @@ def kernel_bandwidth(config, batch: int, context: int, device: str, dtype: torch
 def run(teacher, hybrid, contexts: list[int], batch: int, gen: int, budget: int, device: str, repeats: int = 3,
         seed: int = 0, hf_compile: bool = True, max_batch_cap: int | None = None, save=lambda rows: None,
         tokenizer=None) -> list[dict]:
-    """One row per context: each model's cached loop, the hybrid's Decoder, the max-batch row, then HF generate
-    (slowest to start when it compiles), the serving engine (when a tokenizer is given) and the ratios.
+    """One row per context: each model's cached loop, the hybrid's Decoder, the serving engine (when a tokenizer
+    is given), the max-batch row, then HF generate (slowest to start when it compiles) and the ratios.
     save(rows) is called after each of these phases, so a run stopped by a time limit keeps what it measured."""
     rows = []
     for model in (teacher, hybrid):  # warm-up: kernels, allocator, lazy inits
@@ -382,18 +382,18 @@ def run(teacher, hybrid, contexts: list[int], batch: int, gen: int, budget: int,
                  batch, row["teacher"]["decode_tokens_per_s"], row["hybrid"]["decode_tokens_per_s"],
                  row["hybrid"]["decoder"]["decode_tokens_per_s"])
         save(rows)
-        row["max_batch"] = max_batch_row(teacher, hybrid, context, gen, budget, device, hf_compile, max_batch_cap)
-        save(rows)
-        for name, model in (("teacher", teacher), ("hybrid", hybrid)):
-            row[name]["generate"] = generate_rate(model, ids, gen, repeats, hf_compile)
-            log.info("context %d batch %d: %s HF generate %.1f tok/s", context, batch, name,
-                     row[name]["generate"]["decode_tokens_per_s"])
         if tokenizer is not None:
             for name, model in (("teacher", teacher), ("hybrid", hybrid)):
                 row[name]["engine"] = engine_rate(model, tokenizer, ids, gen, repeats)
                 log.info("context %d batch %d: %s serve engine %.1f tok/s", context, batch, name,
                          row[name]["engine"]["decode_tokens_per_s"])
             save(rows)
+        row["max_batch"] = max_batch_row(teacher, hybrid, context, gen, budget, device, hf_compile, max_batch_cap)
+        save(rows)
+        for name, model in (("teacher", teacher), ("hybrid", hybrid)):
+            row[name]["generate"] = generate_rate(model, ids, gen, repeats, hf_compile)
+            log.info("context %d batch %d: %s HF generate %.1f tok/s", context, batch, name,
+                     row[name]["generate"]["decode_tokens_per_s"])
         t, h = row["teacher"], row["hybrid"]
         row["ratios"] = {
             "loop_tokens_per_s": h["decode_tokens_per_s"] / t["decode_tokens_per_s"],
