@@ -263,12 +263,17 @@ class ExportSpec(Section):
 
 
 class EvalSpec(Section):
+    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"reuse"})
     enabled: bool = True
     # serve/tasks/*.yaml or lm-eval tasks; default: serve.eval.DEFAULT_TASKS (real benchmarks, offline data)
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS), min_length=1)
     limit: PosInt | None = None  # examples per task; None: all
     compare_teacher: bool = True
     gpus: Annotated[float, Field(ge=0)] | None = None  # the Serve replica's GPUs; None: 1 where the cluster has one
+    # a model scored before on the same tasks and limit, with the same files and code, is not served again
+    # (serve.eval.results_key; the results come from $ZEBRA_EVAL_CACHE or <cache>/eval): the teacher's scores
+    # of an earlier run, say
+    reuse: bool = True
 
 
 class TuneSpec(Section):

@@ -33,7 +33,8 @@ def cmd_eval(args) -> int:
     from zebra.teacher import teacher_folder
 
     teacher = teacher_folder(args.teacher) if args.teacher else None
-    run_eval(args.model_dir, tasks=args.tasks.split(","), out_dir=args.out, teacher_dir=teacher, limit=args.limit)
+    run_eval(args.model_dir, tasks=args.tasks.split(","), out_dir=args.out, teacher_dir=teacher, limit=args.limit,
+             reuse=not args.no_reuse)
     return 0
 
 
@@ -48,5 +49,8 @@ def add_eval(sub):
     e.add_argument("--teacher", default=None, help="also evaluate this teacher (HF folder, .gguf, hub id, 'default')")
     e.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     e.add_argument("--out", default="eval")
+    e.add_argument("--no-reuse", action="store_true", help="serve and score every model even where the same files "
+                   "were scored on the same tasks, limit and code before (default: reuse those results, kept in "
+                   "$ZEBRA_EVAL_CACHE or ~/.cache/zebra/eval)")
     e.set_defaults(fn=cmd_eval)
     return e

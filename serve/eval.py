@@ -11,6 +11,8 @@ $ZEBRA_DATA or ../shared/data): arc_easy, arc_challenge, piqa, boolq, formatted 
 Their items come sorted by sha256("0:{task}:{id}") (sha256_order), so `limit=500` takes the 500 items
 whose teacher scores that data's README gives. Where a hub is reachable, lm-eval's own `arc_easy`,
 `arc_challenge`, `piqa`, `boolq` are the same tasks.
+A model scored before on the same tasks and limit, with the same files and code (results_key), is not served
+again: run_eval reuses its results from results_cache_dir().
 The table has one row per task and metric, and an average row over the tasks' headline metric
 (acc_norm where a task reports it, else acc) whose retention is average student / average teacher.
 """
@@ -19,9 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import lm_eval
+import torch
+import transformers
 import yaml
 from lm_eval.tasks import TaskManager
 from ray import serve
@@ -29,6 +35,7 @@ from ray import serve
 from serve.app import model_name_of, run_server
 from serve.engine import resolve_model_dir
 from zebra.data import data_root
+from zebra.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,8 @@ DATA_VAR = "$ZEBRA_DATA"  # in a task's data_files: the shared data folder (zebr
 DEFAULT_TASKS = ("arc_easy_local", "arc_challenge_local", "piqa_local", "boolq_local")
 HEADLINE_METRICS = ("acc_norm", "acc")  # a task's first of these is the one the average takes
 APP_NAME, ROUTE = "zebra-eval", "/eval"
+REPO = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("serve", "zebra", "kernels")  # the code a served model's scores depend on (results_key)
 
 
 def local_task(name: str) -> dict | None:
@@ -109,6 +118,70 @@ def _serve_and_evaluate(model_dir: str | Path, tasks: list[str], limit: int | No
         serve.delete(APP_NAME)
 
 
+def results_cache_dir() -> Path:
+    """Where lm-eval results are kept by results_key: $ZEBRA_EVAL_CACHE, else <cache_root>/eval."""
+    return Path(os.environ.get("ZEBRA_EVAL_CACHE") or cache_root() / "eval")
+
+
+def results_key(model_dir: str | Path, tasks: list[str], limit: int | None, gpu: bool) -> str:
+    """24 hex digits over everything an evaluation's scores depend on: the bytes of the model folder's files,
+    each task (a local task's config and the bytes of its data files; another task by name, its definition
+    pinned by lm-eval's version), the limit, GPU or CPU, the versions of lm-eval, transformers and torch,
+    and the source of serve/, zebra/ and kernels/ (any edit there starts afresh). Not its path: a copy of a
+    folder has the key of the original."""
+    h = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        h.update(f"{label}:{len(data)}:".encode() + data)
+
+    folder = resolve_model_dir(model_dir)
+    for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        add(f"model/{file.name}", _file_digest(file))
+    for name in tasks:
+        config = local_task(name)
+        add("task", name.encode() if config is None else json.dumps(config, sort_keys=True, default=_identity).encode())
+        for split, file in sorted((config or {}).get("dataset_kwargs", {}).get("data_files", {}).items()):
+            add(f"data/{split}", _file_digest(Path(file)))
+    add("limit", str(limit).encode())
+    add("device", b"gpu" if gpu else b"cpu")
+    for module in (lm_eval, transformers, torch):
+        add(module.__name__, str(getattr(module, "__version__", "?")).encode())
+    for source in sorted(p for d in CODE_DIRS for p in (REPO / d).rglob("*.py")):
+        add(f"code/{source.relative_to(REPO)}", source.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _file_digest(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+def _identity(value) -> str:
+    """A task config's non-JSON values (process_docs: a function) by name, never by address."""
+    return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+
+
+def _cached_results(key: str) -> dict | None:
+    file = results_cache_dir() / f"{key}.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # a truncated or foreign file: evaluate again (and overwrite it)
+        log.warning("ignoring the unreadable cached results %s: %s", file, e)
+        return None
+
+
+def _cache_results(key: str, results: dict) -> Path:
+    folder = results_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, default=str)
+    os.replace(tmp, folder / f"{key}.json")  # whole or not at all, also with two runs writing at once
+    return folder / f"{key}.json"
+
+
 def retention_rows(results: dict[str, dict]) -> list[dict]:
     """One row per task and metric: the student's value (and stderr), the teacher's, student / teacher."""
     rows = []
@@ -169,16 +242,31 @@ def _with_stderr(value: float, stderr) -> str:
 
 
 def run_eval(model_dir: str | Path, tasks: list[str], out_dir: str | Path, teacher_dir: str | Path | None = None,
-             limit: int | None = None, port: int = 8000, num_gpus: float = 0.0) -> dict:
+             limit: int | None = None, port: int = 8000, num_gpus: float = 0.0, reuse: bool = True) -> dict:
     """Serve and evaluate the student (and the teacher), write out_dir/eval.json and eval.md, return
     the report. Connects to the running Ray cluster or starts a local one; each model is served as
     the application 'zebra-eval' under /eval on 127.0.0.1:port, one after the other, each replica with
-    num_gpus GPUs (0: on the CPU)."""
+    num_gpus GPUs (0: on the CPU).
+
+    reuse: a model evaluated before on the same tasks and limit, with the same files and code
+    (results_key), is not served again: its results come from results_cache_dir(), and the report's
+    "reused" names the file. The teacher of a second run (another KV budget, say) costs nothing."""
     models = {"student": model_dir, **({"teacher": teacher_dir} if teacher_dir is not None else {})}
-    results = {role: _serve_and_evaluate(path, tasks, limit, port, num_gpus) for role, path in models.items()}
+    results, reused = {}, {}
+    for role, path in models.items():
+        key = results_key(path, tasks, limit, num_gpus > 0) if reuse else None
+        cached = _cached_results(key) if key else None
+        if cached is not None:
+            reused[role] = str(results_cache_dir() / f"{key}.json")
+            log.info("%s: lm-eval results reused from %s (same files, tasks, limit and code)", role, reused[role])
+            results[role] = cached
+            continue
+        results[role] = _serve_and_evaluate(path, tasks, limit, port, num_gpus)
+        if key:
+            _cache_results(key, results[role])
     rows = retention_rows(results)
     report = {"models": {role: str(path) for role, path in models.items()}, "tasks": tasks, "limit": limit,
-              "rows": rows, **results}
+              "rows": rows, "reused": reused, **results}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))

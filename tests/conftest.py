@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random Llama teachers (seconds), and the real SmolLM2 teacher (slow, cached)."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # inherit both from this process.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# lm-eval results that serve.eval reuses (results_key): the suite's own, fresh each session (never the
+# developer's ~/.cache/zebra/eval, whose entries would let an eval test pass without scoring anything); the
+# clusters tests start inherit it.
+os.environ["ZEBRA_EVAL_CACHE"] = tempfile.mkdtemp(prefix="zebra-eval-cache-")
+atexit.register(shutil.rmtree, os.environ["ZEBRA_EVAL_CACHE"], True)
 
 
 def init_ray(attempts: int = 3, **kwargs):

@@ -31,7 +31,8 @@ def run(spec: JobSpec, ctx: Context) -> EvalOutput:
     ev = spec.eval
     out = ctx.scratch / "eval"
     report = run_eval(ctx.model_dir("export"), ev.tasks, out, teacher_dir=ctx.teacher_dir if ev.compare_teacher else None,
-                      limit=ev.limit, port=_free_port(), num_gpus=eval_gpus(ev.gpus, ray.cluster_resources()))
+                      limit=ev.limit, port=_free_port(), num_gpus=eval_gpus(ev.gpus, ray.cluster_resources()),
+                      reuse=ev.reuse)
     if not ctx.local_storage:
         ctx.storage.upload_dir(out, "eval")
     return EvalOutput(tokens=0, rows=report["rows"])

@@ -2,6 +2,7 @@
 network, for a student and a teacher, and writes the results table with a retention column; the
 accuracy it reports equals the one computed directly from each model's log-likelihoods."""
 import json
+import shutil
 
 import datasets
 import huggingface_hub.constants
@@ -11,6 +12,8 @@ import torch
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import serve.eval as serve_eval
+from serve.app import run_server
 from serve.eval import TASKS_DIR, run_eval
 
 pytestmark = pytest.mark.slow
@@ -45,9 +48,14 @@ def direct_accuracy(model_dir) -> float:
     return sum(hits) / len(hits)
 
 
-def test_local_task_offline_with_retention(serve_port, offline, tiny_model_dir, make_tiny_llama, tmp_path):
+def test_local_task_offline_with_retention(serve_port, offline, tiny_model_dir, make_tiny_llama, tmp_path,
+                                          monkeypatch):
     teacher_dir = make_tiny_llama(tmp_path / "teacher-llama", seed=1)
+    monkeypatch.setenv("ZEBRA_EVAL_CACHE", str(tmp_path / "cache"))  # nothing to reuse: both models are scored
+    served = []
+    monkeypatch.setattr(serve_eval, "run_server", lambda path, **kw: served.append(path) or run_server(path, **kw))
     report = run_eval(tiny_model_dir, ["zebra_mc"], tmp_path / "out", teacher_dir=teacher_dir, port=serve_port)
+    assert len(served) == 2 and report["reused"] == {}
     assert "zebra-eval" not in serve.status().applications  # run_eval deletes what it deployed
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     table = (tmp_path / "out" / "eval.md").read_text()
@@ -58,5 +66,11 @@ def test_local_task_offline_with_retention(serve_port, offline, tiny_model_dir, 
     assert acc["student"] == pytest.approx(student) and acc["teacher"] == pytest.approx(teacher)
     assert acc["retention"] == pytest.approx(student / teacher)
     assert saved["student"]["n-samples"]["zebra_mc"]["effective"] == 32
+
+    # the same files, tasks and limit again (the teacher at another path): nothing is served, the same table
+    again = run_eval(tiny_model_dir, ["zebra_mc"], tmp_path / "again", port=serve_port,
+                     teacher_dir=shutil.copytree(teacher_dir, tmp_path / "teacher-copy"))
+    assert len(served) == 2 and set(again["reused"]) == {"student", "teacher"}
+    assert again["rows"] == report["rows"]
     assert f"| zebra_mc | acc | {student:.4f} ± " in table and f"{student / teacher:.3f} |" in table
     assert report["rows"] == saved["rows"]
