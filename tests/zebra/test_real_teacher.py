@@ -44,3 +44,22 @@ def test_full_rank_all_mla_agrees_with_teacher_on_real_text(smollm2):
     agree = float((t_next == s_next).float().mean())
     print("next-token agreement", agree, "on", ids.numel(), "positions")
     assert agree >= 0.99
+
+
+def test_converted_teacher_is_shared_by_every_copy_of_its_file(tmp_path, monkeypatch):
+    """The dequantised folder is keyed by the GGUF file's bytes: a copy elsewhere (another checkout or
+    virtualenv) finds the same folder without converting again; a changed file gets a folder of its own."""
+    import shutil
+
+    import zebra.teacher as teacher
+    from zebra.teacher import default_teacher_gguf, teacher_folder
+
+    folder = teacher_folder("default")  # converted once per machine (~25 s), then cached
+    copy = shutil.copy(default_teacher_gguf(), tmp_path / default_teacher_gguf().name)
+    monkeypatch.setattr(teacher.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("converted again"))
+    assert teacher_folder(str(copy)) == folder
+    with open(copy, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(pytest.fail.Exception, match="converted again"):
+        teacher_folder(str(copy))  # other bytes: not the cached folder
