@@ -34,6 +34,7 @@ DECODE_BACKEND = {"auto": "auto", "torch": "torch", "cuda": "triton"}  # mamba_b
 DT_RANGE = (1e-3, 1e-1)  # softplus(dt_bias) is drawn log-uniform in this range
 DT_FLOOR = 1e-4
 A_RANGE = (1.0, 16.0)  # -A is drawn uniform in this range
+PAD_MIN_ROWS = 256  # in_proj runs on a weight padded to 16-byte rows from this many token rows (see _in_proj)
 
 
 class GatedRMSNorm(nn.Module):
@@ -122,10 +123,13 @@ class Mamba2Mixer(nn.Module):
         """in_proj(hidden_states) [..., d_inner + conv_dim + heads]. Its width is odd where heads is (SmolLM2:
         576 + 960 + 9 = 1545), and cuBLAS runs a bf16 product whose rows are not a multiple of 8 elements (16
         bytes) on slow fallback kernels (an H200 profile: 27 such calls per pass, ~45 ms of a 239 ms training
-        step); so the weight is zero-padded to a multiple of 8 rows for the product and the output cut back."""
+        step); so the weight is zero-padded to a multiple of 8 rows for the product and the output cut back.
+        Only for products of at least PAD_MIN_ROWS token rows: a decode step (one row per sequence) is a
+        memory-bound matrix-vector product that the fallback does not slow, and padding there would copy the
+        weight (1.8 MB a layer on SmolLM2) on every generated token."""
         weight, width = self.in_proj.weight, self.in_proj.out_features
         pad = -width % 8
-        if pad == 0:
+        if pad == 0 or hidden_states.numel() < PAD_MIN_ROWS * hidden_states.shape[-1]:
             return self.in_proj(hidden_states)
         return F.linear(hidden_states, F.pad(weight, (0, 0, 0, pad)))[..., :width]
 

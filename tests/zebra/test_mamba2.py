@@ -11,6 +11,7 @@ from zebra.cache import ZebraCache
 from zebra.config import ZebraConfig
 from zebra.init_mamba import mamba_from_llama_attention
 from zebra.kv import state_bytes_per_sequence
+from zebra import mamba2
 from zebra.mamba2 import Mamba2Mixer
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
@@ -183,12 +184,26 @@ def test_in_proj_padded_to_a_multiple_of_8_rows_is_in_proj(mixer):
     gradients (input and weight) equal the plain in_proj's in float64."""
     width = mixer.in_proj.out_features
     assert width % 8 != 0  # this mixer's width takes the padded path
-    h = torch.randn(2, 5, HIDDEN, dtype=torch.float64, requires_grad=True)
+    rows = mamba2.PAD_MIN_ROWS // 2 + 1
+    h = torch.randn(2, rows, HIDDEN, dtype=torch.float64, requires_grad=True)
     out = mixer._in_proj(h)
-    assert out.shape == (2, 5, width)
+    assert out.shape == (2, rows, width)
     seed = torch.randn_like(out)
     grads = torch.autograd.grad((out * seed).sum(), [h, mixer.in_proj.weight])
     ref = mixer.in_proj(h)
     ref_grads = torch.autograd.grad((ref * seed).sum(), [h, mixer.in_proj.weight])
     assert max_diff(out, ref) < TOL
     assert all(max_diff(a, b) < TOL for a, b in zip(grads, ref_grads))
+
+
+def test_in_proj_of_a_few_rows_does_not_copy_the_weight(mixer, monkeypatch):
+    """A decode step's few rows run the plain product: no padded copy of the weight per generated token; the
+    many-row product of a training step or prefill does pad."""
+    padded = []
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(mamba2.F, "pad", lambda *a, **k: padded.append(a[0].shape) or real_pad(*a, **k))
+    step = torch.randn(16, 1, HIDDEN, dtype=torch.float64)
+    assert max_diff(mixer._in_proj(step), mixer.in_proj(step)) < TOL
+    assert padded == []
+    mixer._in_proj(torch.randn(1, mamba2.PAD_MIN_ROWS, HIDDEN, dtype=torch.float64))
+    assert padded == [mixer.in_proj.weight.shape]
