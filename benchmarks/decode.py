@@ -48,7 +48,7 @@ from zebra.kv import kv_bytes_per_token, state_bytes_per_sequence
 log = logging.getLogger("benchmarks.decode")
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+               num_key_value_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=32768,
                tie_word_embeddings=True)
 
 

@@ -15,6 +15,8 @@ The MLA and Mamba2 decode kernels (kernels.decode) run inside the captured step.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 
 import torch
@@ -145,7 +147,7 @@ class Decoder:
                 logits = self._forward(ids, view)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with _no_collection(), torch.cuda.graph(graph, pool=self._pool):
                 out = self._forward(ids, view)
         self._pool = graph.pool()
         self._captured[bucket] = (graph, out)
@@ -169,3 +171,20 @@ class Decoder:
             if i + 1 < max_new_tokens:
                 logits = self.step(token)
         return torch.cat([ids.to(self.device), torch.stack(new, dim=1)], dim=1)
+
+
+@contextlib.contextmanager
+def _no_collection():
+    """Collect garbage now, and not again until the block ends. A Decoder is a reference cycle (self._forward
+    is its own bound method), so a dropped one keeps its captured graphs until the collector runs; if that
+    happens during another capture, destroying them is an operation not permitted while a stream captures,
+    and the capture fails ("operation failed due to a previous error during capture": H200, the 1,024-row
+    decoder of benchmarks.decode's max-batch search right after the 512-row one)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -100,3 +100,28 @@ def test_hf_generate_on_cuda_equals_the_decoder(hybrid):
     got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                          pad_token_id=0, eos_token_id=None)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_no_garbage_collection_while_a_step_is_captured(hybrid, monkeypatch):
+    """A dropped Decoder is a reference cycle that keeps its captured graphs until the collector runs; if it ran
+    in the middle of another capture, destroying those graphs would fail that capture (seen on an H200 in
+    benchmarks.decode's max-batch search). So the collector is off from capture_begin to capture_end, and a
+    new decoder's graph steps still equal the eager steps."""
+    import gc
+
+    collecting = []
+    begin = torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
+                        lambda self, *a, **k: collecting.append(gc.isenabled()) or begin(self, *a, **k))
+    model = hybrid.to("cuda", torch.float32)
+    tokens = torch.randint(3, 256, (3, 2), device="cuda")
+    old = Decoder(model, max_batch=2, max_len=16, buckets=[2])
+    old.step(tokens[0])
+    del old
+    new = Decoder(model, max_batch=2, max_len=16, buckets=[2])
+    got = torch.stack([new.step(t) for t in tokens])
+    eager = Decoder(model, max_batch=2, max_len=16, graphs=False)
+    want = torch.stack([eager.step(t) for t in tokens])
+    assert collecting == [False, False] and gc.isenabled()
+    assert rel(got, want) < 1e-5
