@@ -171,7 +171,8 @@ def hf_generate(model, ids: torch.Tensor, gen: int, compile: bool, cache=None) -
 
 def generate_rate(model, ids: torch.Tensor, gen: int, repeats: int, compile: bool) -> dict:
     """Decode tokens/s through HF generate: (batch x (gen - 1)) / (time of gen tokens - time of 1 token),
-    the fastest of `repeats` (the first call also compiles the step on CUDA)."""
+    the fastest of `repeats`, after an untimed warm-up that compiles the step (CUDA) for this cache's shape."""
+    hf_generate(model, ids, gen, compile)
     one = min(hf_generate(model, ids, 1, compile) for _ in range(repeats))
     full = min(hf_generate(model, ids, gen, compile) for _ in range(repeats))
     return {"generate_s": full, "prefill_s": one, "decode_tokens_per_s": ids.shape[0] * (gen - 1) / max(full - one, 1e-9)}
@@ -206,9 +207,10 @@ def engine_rate(model, tokenizer, ids: torch.Tensor, gen: int, repeats: int) -> 
 
 
 def measure(model, ids: torch.Tensor, gen: int, repeats: int) -> dict:
-    """The fastest of `repeats` cached-loop runs: tokens/s, peak memory (CUDA: allocator peak; CPU:
+    """The fastest of `repeats` cached-loop runs after a warm-up run: tokens/s, peak memory (CUDA: allocator peak; CPU:
     weights + cache) and cache bytes."""
     device = str(ids.device)
+    decode(model, ids, 2)  # warm-up: the allocator and attention kernels at this context
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -336,9 +338,24 @@ def max_batch_row(teacher, hybrid, context: int, gen: int, budget: int, device: 
 
 # -- MLA decode kernel against copy bandwidth -----------------------------------------------------
 def _best_seconds(fn, device, calls: int = 20, repeats: int = 5) -> float:
-    """Seconds per call of fn: the fastest of `repeats` timings of `calls` back-to-back calls (after a warm-up)."""
+    """Seconds per call of fn: the fastest of `repeats` timings of `calls` back-to-back calls (after a warm-up).
+    On CUDA the calls are captured in one CUDA graph and the replay is timed, as the decode step replays its
+    kernels: a ~90 us kernel launched eagerly from Python is partly bound by the host's launch cost (the MLA
+    kernel read 47-88% of copy bandwidth over four eager-timed runs of one H200 session)."""
     fn()
-    return min(_timed(lambda: [fn() for _ in range(calls)], device)[0] for _ in range(repeats)) / calls
+    if not str(device).startswith("cuda"):
+        return min(_timed(lambda: [fn() for _ in range(calls)], device)[0] for _ in range(repeats)) / calls
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    return min(_timed(graph.replay, device)[0] for _ in range(repeats)) / calls
 
 
 @torch.no_grad()

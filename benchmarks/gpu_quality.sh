@@ -5,7 +5,8 @@
 # (`source /tmp/zebra-stage/env.sh`):
 #   bash benchmarks/gpu_quality.sh start     # returns at once; logs in /tmp/quality/*.log
 #                                            # (SPEC_SET="kd.tokens=N ..." changes fields of both runs' specs;
-#                                            # give the same SPEC_SET again to resume, or the stages rerun)
+#                                            # SPEC_SET_MLA3 / SPEC_SET_MLA2: one run's spec only; give the
+#                                            # same sets again to resume, or the stages rerun)
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
 #   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
@@ -22,9 +23,11 @@ start)
         -e 's/^name: .*/name: smollm2-prose-mla2/' -e 's#uri: runs/.*#uri: runs/smollm2-prose-mla2#' \
         jobs/examples/smollm2-prose-1gpu.yaml > $Q/mla2.yaml
     grep -q "num_mla_layers: 2" $Q/mla2.yaml || { echo "mla2 spec not written"; exit 1; }
-    # SPEC_SET="kd.tokens=36700160 ild.tokens=6291456": fields of both specs changed for this run (no edit needed)
-    for f in jobs/examples/smollm2-prose-1gpu.yaml $Q/mla2.yaml; do
-        [ -z "${SPEC_SET:-}" ] || python - "$f" $SPEC_SET <<'PY' || exit 1
+    # SPEC_SET="kd.tokens=36700160 ild.tokens=6291456": fields of both specs changed for this run (no edit needed);
+    # SPEC_SET_MLA3 / SPEC_SET_MLA2: fields of one run's spec only (after SPEC_SET), e.g. SPEC_SET_MLA2="kd.lr=6e-4"
+    set_fields() {
+        local f=$1; shift; [ $# -gt 0 ] || return 0
+        python - "$f" "$@" <<'PY'
 import sys, yaml
 path, sets = sys.argv[1], sys.argv[2:]
 spec = yaml.safe_load(open(path))
@@ -43,7 +46,9 @@ for item in sets:
     print(f"{path}: {key} = {node[leaf]!r}")
 yaml.safe_dump(spec, open(path, "w"), sort_keys=False)
 PY
-    done
+    }
+    set_fields jobs/examples/smollm2-prose-1gpu.yaml ${SPEC_SET:-} ${SPEC_SET_MLA3:-} || exit 1
+    set_fields $Q/mla2.yaml ${SPEC_SET:-} ${SPEC_SET_MLA2:-} || exit 1
     for run in "0 jobs/examples/smollm2-prose-1gpu.yaml mla3" "1 $Q/mla2.yaml mla2"; do
         set -- $run
         CUDA_VISIBLE_DEVICES=$1 PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$2" >> $Q/$3.log 2>&1 < /dev/null &
@@ -71,7 +76,7 @@ bench)
         --clients 64 --requests ${SERVE_REQUESTS:-4} --prompt-len 1024 --gen 128 --out "$OUT/serve_load.json" 2>&1 \
         | grep -v -i "warn\|INFO" | tail -10 ;;
     kd) timeout ${T_KD:-170} python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed \
-        kd_deepspeed_checked --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \
+        ild_deepspeed --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \
         | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
     kernels) timeout ${T_KERNELS:-150} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
         tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py 2>&1 | tail -14 ;;

@@ -18,6 +18,11 @@ One process, one batch shape, one device. Rows:
       CPU); then the same step again split into its phases (a replica of _optimizer_step's body)
   (h) kd_deepspeed_checked: (g) with DeepSpeed's own grad-norm and bf16 overflow checks back on
       (CHECKED_DS_CONFIG): what jobs.train.deepspeed_config's switching them off saves
+  (i) ild_deepspeed: the ILD stage's step the same way (jobs.stages.ild: both pure students of (a)'s shape,
+      30 MLA and 30 Mamba2 layers, random init, only the mixers trainable, in one engine; ILD_OBJECTIVE with
+      LocalTeacher.hidden_states), split into teacher forward, students forward (layers and loss), engine
+      backward and engine step. MFU counts 2 N_teacher + per student 4 N_layers (forward and the input
+      gradients) + 2 N_trainable (weight gradients) per token: the ILD step does ~10 N against KD's ~8 N
   --profile: a few more steps of each selected model under torch.profiler; the top ops by self device
   time (self CPU time on the CPU) per step go into the JSON and the printout
 A step is forward + backward + fused AdamW, under bf16 autocast on CUDA, random init and random tokens.
@@ -29,7 +34,7 @@ Prints a table of ratios against (a) and writes JSON. Timings only: nothing is a
     python -m benchmarks.train_step --tiny                           # CPU smoke run, tiny shapes, seconds
     python -m benchmarks.train_step --compile --models transformer hybrid_triton   # torch.compile'd steps
     python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed kd_deepspeed_checked \
-        --profile --out kd.json      # the KD rows need ray, the DeepSpeed ones deepspeed (on the GPU: the stage bundle)
+        ild_deepspeed --profile --out kd.json      # the KD rows need ray, the DeepSpeed ones deepspeed (on the GPU: the stage bundle)
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
 MLA_LAYERS = {"smollm2": [0, 14, 29], "tiny": [0, 3]}
 LM_MODELS = ("transformer", "hybrid_torch", "hybrid_triton")
-KD_MODELS = ("kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked")
+KD_MODELS = ("kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked", "ild_deepspeed")  # the rows with a teacher
 # kd_deepspeed_checked: jobs.train.deepspeed_config with DeepSpeed's own gradient checks back on, as before the
 # stage turned them off: GroupClippedAdamW clips (and guards non-finite norms), so ZeRO's global norm (a
 # per-parameter norm loop and an all-reduce) is unused, and a bf16 step needs no overflow check (a
@@ -357,6 +362,82 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
     return out
 
 
+def ild_students(tiny: bool, chunk_size: int, device):
+    """jobs.stages.ild's StudentPair of random pure students of (a)'s shape: every layer MLA, every layer Mamba2
+    (the kernel path on CUDA, the PyTorch reference on the CPU), float32 weights as the stage loads them."""
+    from jobs.stages.ild import StudentPair
+
+    llama = LlamaConfig(**(TINY if tiny else SMOLLM2))
+    rank, rope = (32, 16) if tiny else (128, 32)
+    backend = "triton" if device.type == "cuda" else "torch"
+    torch.manual_seed(0)
+    mla, mamba = (ZebraForCausalLM(hybrid_config(llama, layers, kv_rank=rank, qk_rope_dim=rope, chunk_size=chunk_size,
+                                                 mamba_backend=backend))
+                  for layers in (list(range(llama.num_hidden_layers)), []))
+    return StudentPair(mla, mamba)
+
+
+def ild_flops_per_token(pair, teacher) -> float:
+    """2 N_teacher + per student 4 N_layers + 2 N_trainable (see the module docstring's row (i))."""
+    flops = 2 * sum(p.numel() for p in teacher.parameters())
+    for student in (pair.mla, pair.mamba):
+        flops += 4 * sum(p.numel() for p in student.model.layers.parameters())
+        flops += 2 * sum(p.numel() for p in student.parameters() if p.requires_grad)
+    return flops
+
+
+def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: int) -> dict:
+    """The ILD stage's step in one process, as bench_kd_deepspeed times KD's: jobs.train._engine over the
+    StudentPair (one parameter group per student) and jobs.train._optimizer_step with ILD_OBJECTIVE and a
+    LocalTeacher. Timed whole; then a replica of _optimizer_step's body split into phases; then optionally
+    profiled."""
+    import torch.distributed as dist
+
+    from cluster.teacher import LocalTeacher
+    from jobs.stages.ild import ILD_OBJECTIVE
+    from jobs.train import TrainConfig, _engine, _next_batch, _optimizer_step
+
+    cuda = device.type == "cuda"
+    cfg = TrainConfig(workers=1, use_gpu=cuda, zero_stage=zero_stage, micro_batch=kd.batch, seq_len=kd.seq,
+                      bf16="auto" if cuda else False, lr=1e-4, total_steps=10_000)
+    ids = torch.randint(0, pair.mla.config.vocab_size, (kd.batch, kd.seq))
+    batches = itertools.repeat({"input_ids": ids})
+    with one_rank_group(device):
+        teacher = LocalTeacher(teacher_factory, device)
+        engine = _engine(cfg, pair, world=1)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+        def step():
+            return _optimizer_step(engine, teacher, ILD_OBJECTIVE, batches, cfg, device)
+
+        def split_step(timer):  # _optimizer_step's body (grad_accum 1), opened up
+            with timer("teacher_forward"):
+                batch = _next_batch(batches, cfg, device)
+                targets = ILD_OBJECTIVE.teacher_targets(teacher, batch)
+            with timer("students_forward_loss"):
+                loss = ILD_OBJECTIVE.loss(engine, targets, batch)
+            with timer("engine_backward"):
+                engine.backward(loss)
+            with timer("engine_step"):
+                engine.step()
+            with timer("loss_all_reduce_item"):
+                total = loss.detach().float()
+                dist.all_reduce(total)
+                total.item()
+        step_s, loss = time_steps(step, kd.steps, kd.warmup, device)
+        tokens_per_s = kd.batch * kd.seq / step_s
+        out = dict(step_s=step_s, tokens_per_s=tokens_per_s, params=sum(p.numel() for p in pair.parameters()),
+                   trainable=sum(p.numel() for p in pair.parameters() if p.requires_grad),
+                   mfu=ild_flops_per_token(engine.module, teacher.model) * tokens_per_s / kd.peak_flops,
+                   peak_gib=peak_gib(device), loss=loss, bf16=engine.bfloat16_enabled(), zero_stage=zero_stage)
+        out["split"] = time_phases(split_step, kd.steps, device)
+        if kd.profile_steps:
+            out["profile"] = profile_ops(step, kd.profile_steps, device, step_s)
+        engine.destroy()
+    return out
+
+
 def merge_sections(config: dict, overrides: dict) -> dict:
     """config with each overrides section merged into its own (dicts one level deep), other keys replaced."""
     merged = dict(config)
@@ -508,7 +589,7 @@ def main(argv=None) -> dict:
                  args.kd_ce_weight, profile_steps)
     kd_names = [name for name in KD_MODELS if args.models and name in args.models]
     # One process group for every DeepSpeed row: DeepSpeed keeps the groups it made of the first one.
-    deepspeed = any(name.startswith("kd_deepspeed") for name in kd_names)
+    deepspeed = any(name.endswith(("deepspeed", "deepspeed_checked")) for name in kd_names)
     with one_rank_group(device) if deepspeed else contextlib.nullcontext():
         for name in kd_names:
             results["train_step"][name] = run_or_skip(name, lambda name=name: kd_row(name, args, kd, device))
@@ -529,13 +610,16 @@ def save(results: dict, out: str | None, row: str | None = None) -> None:
 
 
 def kd_row(name: str, args, kd: KDSetup, device) -> dict:
-    """One KD row (kd_hybrid or kd_deepspeed): a fresh student (seed 0) and teacher (seed 1)."""
+    """One row with a teacher (kd_hybrid, kd_deepspeed*, ild_deepspeed): a fresh student (seed 0) and teacher
+    (seed 1)."""
     student_factory, teacher_factory = kd_models(args.tiny, args.chunk_size, device)
     torch.manual_seed(0)
-    student = student_factory()
+    student = ild_students(args.tiny, args.chunk_size, device) if name == "ild_deepspeed" else student_factory()
     if args.compile:
         log.warning("%s: --compile is not applied to the KD rows (the stage does not compile)", name)
     try:
+        if name == "ild_deepspeed":
+            return bench_ild_deepspeed(student, teacher_factory, kd, device, args.zero_stage)
         if name == "kd_hybrid":
             return bench_kd_hybrid(student, teacher_factory, kd, device)
         overrides = None

@@ -75,12 +75,14 @@ def test_tiny_run_of_the_kd_rows(tmp_path, monkeypatch, capsys):
     if dist.is_initialized():
         pytest.skip("a process group of another test is still up")
     out = tmp_path / "kd.json"
-    main(["--tiny", "--models", "kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked", "--profile", "--out", str(out)])
+    main(["--tiny", "--models", "kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked", "ild_deepspeed", "--profile",
+          "--out", str(out)])
     rows = json.loads(out.read_text())["train_step"]
-    assert set(rows) == {"kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked"}
+    assert set(rows) == {"kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked", "ild_deepspeed"}
     for name, r in rows.items():
         assert "skipped" not in r, (name, r)
-        assert r["tokens_per_s"] > 0 and r["loss"] > 0 and r["teacher_params"] > 0, name
+        assert r["tokens_per_s"] > 0 and r["loss"] > 0 and r["mfu"] > 0, name
+        assert name == "ild_deepspeed" or r["teacher_params"] > 0, name
         split = r["split"]
         assert len(split["phases"]) >= 5, name
         assert 0.5 * split["step_ms"] <= split["phase_sum_ms"] <= 1.01 * split["step_ms"], (name, split)
@@ -89,5 +91,9 @@ def test_tiny_run_of_the_kd_rows(tmp_path, monkeypatch, capsys):
     assert rows["kd_deepspeed"]["ds_overrides"] == {} and rows["kd_deepspeed_checked"]["ds_overrides"] == CHECKED_DS_CONFIG
     assert rows["kd_deepspeed"]["compute_grad_norm"] is False and rows["kd_deepspeed_checked"]["compute_grad_norm"] is True
     assert rows["kd_hybrid"]["teacher"] == "LocalTeacher"
+    ild = rows["ild_deepspeed"]  # two students, only their mixers train
+    assert 0 < ild["trainable"] < ild["params"] / 2 and ild["zero_stage"] == 2
+    assert list(ild["split"]["phases"])[:4] == ["teacher_forward", "students_forward_loss", "engine_backward",
+                                                "engine_step"]
     assert "kd_deepspeed: phases of one step" in capsys.readouterr().out
     assert not dist.is_initialized()

@@ -33,9 +33,10 @@ class StudentPair(nn.Module):
     """The pure-MLA and pure-Mamba2 students side by side; their mixers are trainable (with
     train_mlp_norms, the decoder layers' MLPs and norms too)."""
 
-    def __init__(self, mla_dir: str, mamba_dir: str, train_mlp_norms: bool = False):
+    def __init__(self, mla: str | nn.Module, mamba: str | nn.Module, train_mlp_norms: bool = False):
+        """mla, mamba: each a student's folder (zebra.hybrid.load_student) or the model itself."""
         super().__init__()
-        self.mla, self.mamba = load_student(mla_dir), load_student(mamba_dir)
+        self.mla, self.mamba = (m if isinstance(m, nn.Module) else load_student(m) for m in (mla, mamba))
         for name, p in self.named_parameters():
             p.requires_grad_(".layers." in name and (".mixer." in name or train_mlp_norms))
 
