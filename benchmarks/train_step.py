@@ -309,8 +309,6 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
     into jobs.train.deepspeed_config's dict (section by section) while the engine is built."""
     from unittest import mock
 
-    import torch.distributed as dist
-
     import jobs.train
     from cluster.teacher import LocalTeacher
     from jobs.train import TrainConfig, _engine, _next_batch, _optimizer_step, kd_objective
@@ -342,14 +340,7 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
             with timer("loss_forward"):  # computes the logits' gradient too
                 labels = batch["input_ids"] if kd.ce_weight > 0 else None
                 loss = kd_loss(logits, targets, kd.temperature, kd.ce_weight, labels)
-            with timer("engine_backward"):
-                engine.backward(loss)
-            with timer("engine_step"):
-                engine.step()
-            with timer("loss_all_reduce_item"):
-                total = loss.detach().float()
-                dist.all_reduce(total)
-                total.item()
+            engine_update(engine, loss, timer)
         step_s, loss = time_steps(step, kd.steps, kd.warmup, device)
         out = kd_result(engine.module, teacher.model, kd, step_s, device, loss)
         out.update(bf16=engine.bfloat16_enabled(), zero_stage=zero_stage, ds_overrides=ds_overrides or {},
@@ -391,7 +382,6 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
     StudentPair (one parameter group per student) and jobs.train._optimizer_step with ILD_OBJECTIVE and a
     LocalTeacher. Timed whole; then a replica of _optimizer_step's body split into phases; then optionally
     profiled."""
-    import torch.distributed as dist
 
     from cluster.teacher import LocalTeacher
     from jobs.stages.ild import ILD_OBJECTIVE
@@ -417,14 +407,7 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
                 targets = ILD_OBJECTIVE.teacher_targets(teacher, batch)
             with timer("students_forward_loss"):
                 loss = ILD_OBJECTIVE.loss(engine, targets, batch)
-            with timer("engine_backward"):
-                engine.backward(loss)
-            with timer("engine_step"):
-                engine.step()
-            with timer("loss_all_reduce_item"):
-                total = loss.detach().float()
-                dist.all_reduce(total)
-                total.item()
+            engine_update(engine, loss, timer)
         step_s, loss = time_steps(step, kd.steps, kd.warmup, device)
         tokens_per_s = kd.batch * kd.seq / step_s
         out = dict(step_s=step_s, tokens_per_s=tokens_per_s, params=sum(p.numel() for p in pair.parameters()),
@@ -436,6 +419,21 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
             out["profile"] = profile_ops(step, kd.profile_steps, device, step_s)
         engine.destroy()
     return out
+
+
+def engine_update(engine, loss: Tensor, timer) -> None:
+    """The end of jobs.train._optimizer_step's body in phases: engine backward, engine step, the loss's
+    all-reduce and host read."""
+    import torch.distributed as dist
+
+    with timer("engine_backward"):
+        engine.backward(loss)
+    with timer("engine_step"):
+        engine.step()
+    with timer("loss_all_reduce_item"):
+        total = loss.detach().float()
+        dist.all_reduce(total)
+        total.item()
 
 
 def merge_sections(config: dict, overrides: dict) -> dict:
