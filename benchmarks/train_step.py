@@ -382,7 +382,6 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
     StudentPair (one parameter group per student) and jobs.train._optimizer_step with ILD_OBJECTIVE and a
     LocalTeacher. Timed whole; then a replica of _optimizer_step's body split into phases; then optionally
     profiled."""
-
     from cluster.teacher import LocalTeacher
     from jobs.stages.ild import ILD_OBJECTIVE
     from jobs.train import TrainConfig, _engine, _next_batch, _optimizer_step
