@@ -545,7 +545,11 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.max_len: int = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        positions = model.config.max_position_embeddings
+        self.max_len: int = min(max_len or positions, positions)
+        if max_len and max_len > positions:
+            log.warning("engine: max_len %d is past the model's max_position_embeddings %d: serving at most %d "
+                        "tokens a sequence", max_len, positions, positions)
         self.vocab_size: int = model.config.vocab_size
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])

@@ -293,6 +293,19 @@ def test_admission_by_exact_cache_bytes(tiny_model_dir, tiny_hybrid_dir):
     assert seen["teacher"] == 4 and seen["hybrid"] > seen["teacher"]
 
 
+def test_max_len_past_the_models_positions_is_capped_with_a_warning(tiny_model_dir, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    positions = model.config.max_position_embeddings
+    with caplog.at_level("WARNING", logger="serve.engine"):
+        engine = Engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_len=positions + 5)
+    engine.close()
+    assert engine.max_len == positions
+    assert f"max_len {positions + 5} is past the model's max_position_embeddings {positions}" in caplog.text
+    caplog.clear()
+    Engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_len=positions).close()
+    assert "max_position_embeddings" not in caplog.text
+
+
 def test_teacher_padded_cache_stays_within_its_charged_footprint(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     engine = Engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_batch=4)
