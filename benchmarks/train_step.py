@@ -57,6 +57,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from benchmarks.mamba_ssm_ssd import ENV as MAMBA_SSM_ENV  # noqa: E402
+from benchmarks.mamba_ssm_ssd import chunk_scan_combined  # noqa: E402
 from kernels.norm import gated_rms_norm  # noqa: E402
 from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
@@ -486,13 +488,12 @@ def scan_functions() -> dict:
                                                                              initial_state=s0)
     except ImportError as err:
         log.warning("kernels.ssd_scan does not import: %s", err)
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
+    mamba_chunk_scan_combined = chunk_scan_combined()
+    if mamba_chunk_scan_combined is None:
+        log.info("mamba_ssm is not importable and $%s is unset; its scan is left out", MAMBA_SSM_ENV)
+    else:
         fns["mamba_ssm"] = lambda x, dt, A, B, C, chunk, D, s0: mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk, D=D, initial_states=s0, return_final_states=True)
-    except ImportError as err:
-        log.info("mamba_ssm is not importable (%s); its scan is left out", err)
     return fns
 
 
