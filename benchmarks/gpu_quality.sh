@@ -71,6 +71,8 @@ bench)
     # default teacher, the KD step's profile (benchmarks.train_step), the GPU tests of the engine and decoder,
     # decode at 16k with engine rows
     OUT=${OUT:-runs/quality}; mkdir -p "$OUT"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    # mamba_ssm's Triton SSD for the scan row and its parity test, where its source was carried (benchmarks/mamba_ssm_ssd.py)
+    [ -d .mamba_ssm_src ] && export MAMBA_SSM_SRC=$PWD/.mamba_ssm_src
     shift; for part in ${@:-serve kd tests decode}; do case $part in
     serve) timeout ${T_SERVE:-200} python -m benchmarks.serve_load --hybrid $Q/tree/runs/smollm2-prose-1gpu/export \
         --clients 64 --requests ${SERVE_REQUESTS:-4} --prompt-len 1024 --gen 128 --out "$OUT/serve_load.json" 2>&1 \
@@ -79,7 +81,8 @@ bench)
         ild_deepspeed --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \
         | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
     kernels) timeout ${T_KERNELS:-150} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
-        tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py 2>&1 | tail -14 ;;
+        tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py \
+        tests/kernels/test_ssd_scan.py 2>&1 | tail -14 ;;
     tests) timeout ${T_TESTS:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/serve/test_engine.py \
         tests/zebra/test_varlen_prefill.py tests/zebra/test_decode.py tests/test_benchmarks_train_step.py 2>&1 | tail -8 ;;
     decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
