@@ -80,7 +80,7 @@ bench)
     kd) timeout ${T_KD:-170} python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed \
         ild_deepspeed --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \
         | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
-    kernels) timeout ${T_KERNELS:-150} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
+    kernels) timeout ${T_KERNELS:-240} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
         tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py \
         tests/kernels/test_ssd_scan.py 2>&1 | tail -14 ;;
     tests) timeout ${T_TESTS:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/serve/test_engine.py \
