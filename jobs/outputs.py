@@ -59,6 +59,9 @@ class KdOutput(StageOutput):
     kl_before: float  # held-out KL(teacher || hybrid), nats/token
     kl_after: float
     history: list[dict]
+    ppl_teacher: float | None = None  # held-out perplexity (the same rows); None in outputs stored before it was
+    ppl_before: float | None = None
+    ppl_after: float | None = None
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -84,7 +84,11 @@ def _kd(infos: dict) -> str:
     if "kd" not in infos:
         return ""
     i = infos["kd"]
-    return f"## KD\n\nMLA layers {i.mla_layers}; held-out KL(teacher || hybrid) {i.kl_before:.4f} -> {i.kl_after:.4f}\n"
+    text = f"## KD\n\nMLA layers {i.mla_layers}; held-out KL(teacher || hybrid) {i.kl_before:.4f} -> {i.kl_after:.4f}\n"
+    if i.ppl_after is not None:
+        text += (f"\nHeld-out perplexity: hybrid {i.ppl_before:.2f} -> {i.ppl_after:.2f}, teacher {i.ppl_teacher:.2f} "
+                 f"({i.ppl_after / i.ppl_teacher:.2f}x the teacher's)\n")
+    return text
 
 
 DPO_METRICS = {

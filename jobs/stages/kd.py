@@ -1,12 +1,14 @@
 """Stage kd: compose the hybrid from the ILD students by SMART's choice and distill the teacher's logits.
 
-Output: kd/model; KdOutput: held-out KL(teacher || hybrid) before and after, loss curve. The training
+Output: kd/model; KdOutput: held-out KL(teacher || hybrid) and the hybrid's perplexity before and after (and
+the teacher's), loss curve. The training
 setup is jobs.context.kd_recipe, which a Tune trial (tune.trial) runs too, with its own steps and data.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 
@@ -14,7 +16,7 @@ from jobs.context import Context, curve, data_factory, held_out_device, kd_recip
 from jobs.outputs import KdOutput, SmartOutput
 from jobs.spec import JobSpec
 from jobs.train import distill
-from zebra.hybrid import compose_hybrid, teacher_student_kl
+from zebra.hybrid import compose_hybrid, teacher_student_figures
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +29,20 @@ def run(spec: JobSpec, ctx: Context) -> KdOutput:
     device = held_out_device()
     held = torch.from_numpy(held).to(device)
     teacher = teacher_factory().to(device).eval()
-    before = teacher_student_kl(teacher, factory().to(device).eval(), held)
+    before = teacher_student_figures(teacher, factory().to(device).eval(), held)
     release_cuda_cache()
     result = distill(cfg, factory, teacher_factory, objective, data_factory(spec, ctx, "kd", spec.kd),
                      ctx.ray_storage(), f"kd-{spec.section_hash('kd')}")
     hybrid = factory()
     hybrid.load_state_dict(result.student_state_dict())
-    after = teacher_student_kl(teacher, hybrid.to(device).eval(), held)
+    after = teacher_student_figures(teacher, hybrid.to(device).eval(), held)
     ctx.save_model(hybrid, "kd/model")
     del teacher
     release_cuda_cache()
-    log.info("kd: held-out KL %.4f -> %.4f", before, after)
-    return KdOutput(tokens=spec.kd.total_steps * spec.kd.tokens_per_step, kl_before=before, kl_after=after,
-                    mla_layers=mla_layers, history=curve(result.history))
+    ppl = {"teacher": math.exp(before["ce_teacher"]), "before": math.exp(before["ce_student"]),
+           "after": math.exp(after["ce_student"])}
+    log.info("kd: held-out KL %.4f -> %.4f; held-out perplexity %.2f -> %.2f (teacher %.2f)", before["kl"],
+             after["kl"], ppl["before"], ppl["after"], ppl["teacher"])
+    return KdOutput(tokens=spec.kd.total_steps * spec.kd.tokens_per_step, kl_before=before["kl"], kl_after=after["kl"],
+                    mla_layers=mla_layers, history=curve(result.history), ppl_teacher=ppl["teacher"],
+                    ppl_before=ppl["before"], ppl_after=ppl["after"])

@@ -5,6 +5,7 @@ given, KD under ZeRO-3, then DPO on chat pairs under ZeRO-3, whose model export 
 that must do no work; and bad specs that must fail before any work. (SMART's scoring runs in the S3
 run of test_s3_pipeline.py; the ZeRO-2 KD in it too, on one worker.)"""
 import json
+import math
 import time
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def test_end_to_end_then_rerun_is_a_no_op(teacher_dir, data_file, chat_pairs_fil
     for kind in ("mla", "mamba"):
         assert ild["loss_after"][kind] < ild["loss_before"][kind]
     assert kd["kl_after"] < kd["kl_before"]
+    gap = [abs(math.log(kd[f"ppl_{when}"] / kd["ppl_teacher"])) for when in ("before", "after")]
+    assert gap[1] < gap[0]  # the hybrid's held-out perplexity moved toward the teacher's
+    assert f"hybrid {kd['ppl_before']:.2f} -> {kd['ppl_after']:.2f}, teacher {kd['ppl_teacher']:.2f}" in report.read_text()
     assert not (storage / "smart").exists() and kd["mla_layers"] == [1, 2]
     assert "given by student.mla_layers" in report.read_text()
     model = AutoModelForCausalLM.from_pretrained(storage / "export")

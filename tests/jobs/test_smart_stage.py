@@ -4,8 +4,8 @@ leave the Mamba2 student as it was."""
 import torch
 
 from tests.conftest import tiny_llama
-from zebra.hybrid import (compose_hybrid, held_out_kl, kl_of_choices, load_student, mla_layers_swapped_in, teacher_logits,
-                          teacher_student_kl)
+from zebra.hybrid import (compose_hybrid, held_out_ce, held_out_kl, kl_of_choices, load_student, mla_layers_swapped_in,
+                          teacher_logits, teacher_student_figures, teacher_student_kl)
 from zebra.convert import convert, hybrid_config
 
 CHOICES = [[], [0], [2], [1, 3]]
@@ -81,3 +81,22 @@ def test_streamed_teacher_kl_equals_a_float64_kl_of_stored_logits(tmp_path):
     assert want > 1e-3
     assert abs(got - want) / want < 1e-5
     assert abs(held_out_kl(student, teacher_logits(teacher, ids), ids, batch=2) - want) / want < 1e-5
+
+
+def test_held_out_figures_give_each_models_cross_entropy(tmp_path):
+    """The kd stage's held-out figures in one pass: the KL as teacher_student_kl, and each model's next-token
+    cross-entropy as a float64 log-softmax over all rows at once (and as held_out_ce) gives it."""
+    teacher = tiny_llama(dtype=torch.float32, seed=5)
+    mla_dir, mamba_dir = saved_students(tmp_path, teacher)
+    student = compose_hybrid(mla_dir, mamba_dir, [2]).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(6))
+    got = teacher_student_figures(teacher, student, ids, batch=2)
+    for name, model in (("ce_teacher", teacher), ("ce_student", student)):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits.double()[:, :-1], -1)
+        want = float(-logp.gather(-1, ids[:, 1:, None]).mean())
+        assert want > 1.0
+        assert abs(got[name] - want) / want < 1e-5, name
+        assert abs(held_out_ce(model, ids, batch=2) - want) / want < 1e-5, name
+    assert got["ce_student"] != got["ce_teacher"]
+    assert abs(got["kl"] - teacher_student_kl(teacher, student, ids, batch=3)) < 1e-6
