@@ -94,14 +94,16 @@ def teacher_student_kl(teacher: nn.Module, student: nn.Module, ids: Tensor, batc
     """Mean KL(teacher || student) per token on ids [n, seq], the teacher's logits computed a batch at a
     time on its device (nothing of n x seq x vocab is kept: 64 x 2048 tokens of a 49k vocabulary would
     be 26 GB). Equals held_out_kl(student, teacher_logits(teacher, ids), ids)."""
-    return teacher_student_figures(teacher, student, ids, batch)["kl"]
+    return teacher_student_figures(teacher, student, ids, batch, cross_entropy=False)["kl"]
 
 
 @torch.no_grad()
-def teacher_student_figures(teacher: nn.Module, student: nn.Module, ids: Tensor, batch: int = 4) -> dict[str, float]:
+def teacher_student_figures(teacher: nn.Module, student: nn.Module, ids: Tensor, batch: int = 4,
+                            cross_entropy: bool = True) -> dict[str, float]:
     """From one pass of both models over ids [n, seq], a batch at a time: "kl", the mean KL(teacher || student)
-    per token (as teacher_student_kl), and "ce_teacher", "ce_student", each model's mean next-token
-    cross-entropy in nats (as held_out_ce; exp of it is the perplexity)."""
+    per token (as teacher_student_kl), and with cross_entropy "ce_teacher", "ce_student", each model's mean
+    next-token cross-entropy in nats (as held_out_ce; exp of it is the perplexity). SMART's many scorings
+    (kl_of_choices) take the KL alone."""
     t_device, s_device = next(teacher.parameters()).device, next(student.parameters()).device
     kl = ce_teacher = ce_student = 0.0
     for s in range(0, len(ids), batch):
@@ -109,9 +111,13 @@ def teacher_student_figures(teacher: nn.Module, student: nn.Module, ids: Tensor,
         want = teacher(chunk.to(t_device)).logits.float().to(s_device)
         got = student(chunk.to(s_device)).logits
         kl += kd_loss(got, want).item() * len(chunk)
+        if not cross_entropy:
+            continue
         targets = chunk[:, 1:].flatten().to(s_device)
         ce_teacher += F.cross_entropy(want[:, :-1].flatten(0, 1), targets, reduction="sum").item()
         ce_student += F.cross_entropy(got[:, :-1].float().flatten(0, 1), targets, reduction="sum").item()
+    if not cross_entropy:
+        return {"kl": kl / len(ids)}
     predictions = len(ids) * (ids.shape[1] - 1)
     return {"kl": kl / len(ids), "ce_teacher": ce_teacher / predictions, "ce_student": ce_student / predictions}
 
