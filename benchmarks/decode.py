@@ -26,6 +26,7 @@ Prints tables of hybrid/teacher ratios and writes JSON.
     python -m benchmarks.decode --teacher DIR --hybrid DIR --contexts 1024 16384 --batch 16 --gen 64
     python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64   # random weights
     python -m benchmarks.decode --tiny          # random tiny pair on CPU: a smoke run, seconds
+    python -m benchmarks.decode --random smollm2 --contexts 16384 --kernel-batch 64 128 256 --kernel-only
 """
 from __future__ import annotations
 
@@ -499,7 +500,9 @@ def main(argv: list[str] | None = None) -> None:
                    "both models (default: 90%% of the device's memory on CUDA; tiny: 1/32 GiB)")
     p.add_argument("--max-batch-cap", type=int, default=None, help="run the max-batch throughput at most at this "
                    "batch (the max batch itself is still reported)")
-    p.add_argument("--kernel-batch", type=int, default=64, help="rows of the MLA kernel bandwidth measurement")
+    p.add_argument("--kernel-batch", type=int, nargs="+", default=[64], help="rows of the MLA kernel bandwidth "
+                   "measurement, one measurement per value (the JSON's mla_kernel is the first, mla_kernels all)")
+    p.add_argument("--kernel-only", action="store_true", help="measure only the MLA kernel's bandwidth, then stop")
     p.add_argument("--no-hf-compile", action="store_true", help="disable HF generate's automatic compile of the step")
     p.add_argument("--tokenizer", default=None, help="tokenizer for the serve-engine rows (default: the teacher "
                    "folder's, else the default teacher's; 'none' skips those rows)")
@@ -535,11 +538,16 @@ def main(argv: list[str] | None = None) -> None:
     def save(rows: list[dict]) -> None:
         Path(args.out).write_text(json.dumps({**report, "rows": rows}, indent=2))
 
-    kernel = report["mla_kernel"] = kernel_bandwidth(hybrid.config, args.kernel_batch, max(contexts), args.device, dtype)
-    print(f"MLA decode kernel, batch {kernel['batch']} x context {kernel['context']}: "
-          f"{kernel['kernel_bytes_per_s'] / 1e9:.2f} GB/s = {kernel['fraction_of_copy']:.1%} of the device copy's "
-          f"{kernel['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    kernels = report["mla_kernels"] = [kernel_bandwidth(hybrid.config, b, max(contexts), args.device, dtype)
+                                       for b in args.kernel_batch]
+    report["mla_kernel"] = kernels[0]
+    for kernel in kernels:
+        print(f"MLA decode kernel, batch {kernel['batch']} x context {kernel['context']}: "
+              f"{kernel['kernel_bytes_per_s'] / 1e9:.2f} GB/s = {kernel['fraction_of_copy']:.1%} of the device copy's "
+              f"{kernel['copy_bytes_per_s'] / 1e9:.1f} GB/s ({kernel['kernel_s'] * 1e6:.1f} us a call)", flush=True)
     save([])
+    if args.kernel_only:
+        return
     rows = run(teacher, hybrid, contexts, batch, gen, budget, args.device, repeats,
                hf_compile=not args.no_hf_compile, max_batch_cap=args.max_batch_cap, save=save,
                tokenizer=engine_tokenizer(args.tokenizer, args.teacher))

@@ -35,3 +35,13 @@ def test_engine_rows_can_be_skipped(tmp_path):
     decode.main(["--tiny", "--gen", "4", "--tokenizer", "none", "--out", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert "engine" not in row["teacher"] and "engine_tokens_per_s" not in row["ratios"]
+
+
+def test_kernel_only_measures_each_kernel_batch_and_stops(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    decode.main(["--tiny", "--kernel-batch", "2", "3", "--kernel-only", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [k["batch"] for k in report["mla_kernels"]] == [2, 3] and report["mla_kernel"]["batch"] == 2
+    assert all(k["kernel_bytes_per_s"] > 0 and k["copy_bytes_per_s"] > 0 for k in report["mla_kernels"])
+    assert "rows" in report and report["rows"] == []  # no decode rows were run
+    assert capsys.readouterr().out.count("MLA decode kernel, batch") == 2
