@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The quality runs of notes/RESULTS.md on a 2 x H200 host: the whole pipeline twice side by side, one GPU
 # each, 3 MLA layers (4.2% KV) on GPU 0 and 2 MLA layers (2.8%) on GPU 1, detached from a copy of the
-# tree (the host replaces the uploaded tree on every call). After the stage bundle
-# (`source /tmp/zebra-stage/env.sh`):
+# tree (the host replaces the uploaded tree on every call); on a host of one GPU only the 3-MLA run
+# (RUNS="mla2" or RUNS="mla3 mla2" chooses). After the stage bundle (`source /tmp/zebra-stage/env.sh`):
 #   bash benchmarks/gpu_quality.sh start     # returns at once; logs in /tmp/quality/*.log
 #                                            # (SPEC_SET="kd.tokens=N ..." changes fields of both runs' specs;
 #                                            # SPEC_SET_MLA3 / SPEC_SET_MLA2: one run's spec only; give the
 #                                            # same sets again to resume, or the stages rerun)
+#   bash benchmarks/gpu_quality.sh stop      # stop the runs and their Ray (SIGINT, then SIGKILL); `start` with
+#                                            # new SPEC_SET values then reruns only the stages whose sections
+#                                            # changed (e.g. stop at "stage kd: start", restart with kd.tokens)
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
 #   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
@@ -19,6 +22,9 @@ start)
     # a fresh copy of the uploaded tree, keeping the runs' stored stages so that `start` resumes them
     mkdir -p $Q/tree/runs && mv $Q/tree/runs $Q/runs.keep && rm -rf $Q/tree && cp -r . $Q/tree \
         && rm -rf $Q/tree/runs && mv $Q/runs.keep $Q/tree/runs && cd $Q/tree || exit 1
+    export PYTHONPATH=$Q/tree${PYTHONPATH:+:$PYTHONPATH}  # the Ray tasks (tokenisation, SMART) import the tree
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+    runs=${RUNS:-$([ "$gpus" -ge 2 ] && echo "mla3 mla2" || echo mla3)}
     sed -e 's/num_mla_layers: 3 .*/num_mla_layers: 2            # 320 of 11,520: 2.8%/' \
         -e 's/^name: .*/name: smollm2-prose-mla2/' -e 's#uri: runs/.*#uri: runs/smollm2-prose-mla2#' \
         jobs/examples/smollm2-prose-1gpu.yaml > $Q/mla2.yaml
@@ -49,15 +55,24 @@ PY
     }
     set_fields jobs/examples/smollm2-prose-1gpu.yaml ${SPEC_SET:-} ${SPEC_SET_MLA3:-} || exit 1
     set_fields $Q/mla2.yaml ${SPEC_SET:-} ${SPEC_SET_MLA2:-} || exit 1
-    for run in "0 jobs/examples/smollm2-prose-1gpu.yaml mla3" "1 $Q/mla2.yaml mla2"; do
-        set -- $run
-        CUDA_VISIBLE_DEVICES=$1 PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$2" >> $Q/$3.log 2>&1 < /dev/null &
-        echo "$3 on GPU $1: pid $!"
+    gpu=0
+    for name in $runs; do
+        spec=$([ $name = mla3 ] && echo jobs/examples/smollm2-prose-1gpu.yaml || echo $Q/mla2.yaml)
+        CUDA_VISIBLE_DEVICES=$gpu PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$spec" >> $Q/$name.log 2>&1 < /dev/null &
+        echo $! > $Q/$name.pid; echo "$name on GPU $gpu: pid $!"; gpu=$((gpu + 1))
     done ;;
+stop)
+    # each run is the leader of its own session (setsid): signal the group, then Ray's daemons on this node
+    for f in $Q/*.pid; do [ -e "$f" ] || continue; pid=$(cat "$f"); kill -INT -- -$pid 2>/dev/null && echo "stopping $(basename $f .pid) ($pid)"; done
+    for _ in $(seq 20); do alive=0; for f in $Q/*.pid; do [ -e "$f" ] && kill -0 $(cat "$f") 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break; sleep 1; done
+    for f in $Q/*.pid; do [ -e "$f" ] && kill -9 -- -$(cat "$f") 2>/dev/null; rm -f "$f"; done
+    python -m ray.scripts.scripts stop --force > /dev/null 2>&1
+    nvidia-smi --query-gpu=index,memory.used --format=csv,noheader ;;
 poll)
     sleep "${2:-0}"
     for r in mla3 mla2; do
-        echo "== $r"; grep -E "stage [a-z]+: |Error|error:|Traceback|tok/s|held-out|retention|FAILED" $Q/$r.log \
+        [ -e $Q/$r.log ] || continue; echo "== $r"; grep -E "stage [a-z]+: |Error|error:|Traceback|tok/s|held-out|retention|FAILED" $Q/$r.log \
             | grep -v "^\s*$" | tail -${LINES_PER_RUN:-12}
     done
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader ;;
@@ -90,5 +105,5 @@ bench)
         | grep "^|\|GB/s" | tail -8 ;;
     *) echo "bench: unknown part $part (kernels, serve, kd, tests, decode)"; exit 2 ;;
     esac; done ;;
-*) echo "usage: $0 start|poll [seconds]|collect|bench [kernels serve kd tests decode]"; exit 2 ;;
+*) echo "usage: $0 start|stop|poll [seconds]|collect|bench [kernels serve kd tests decode]"; exit 2 ;;
 esac
