@@ -23,11 +23,26 @@ One process, one batch shape, one device. Rows:
       LocalTeacher.hidden_states), split into teacher forward, students forward (layers and loss), engine
       backward and engine step. MFU counts 2 N_teacher_layers (no lm_head) + per student 4 N_layers (forward and
       the input gradients) + 2 N_trainable (weight gradients) per token: on SmolLM2's shape 9.4 N against KD's 8.4 N
+      (N the teacher's parameters), before attention (see below)
   --profile: a few more steps of each selected model under torch.profiler; the top ops by self device
   time (self CPU time on the CPU) per step go into the JSON and the printout
 A step is forward + backward + fused AdamW, under bf16 autocast on CUDA, random init and random tokens.
-Model-FLOPs utilisation counts 6 N FLOPs per token (N = the parameter count; KD rows add 2 N_teacher for
-the teacher's forward) against --peak-flops.
+Model-FLOPs utilisation: a row's FLOPs per token (JSON flops_per_token) against --peak-flops. They are an N-linear
+part, 6 N (N = the parameter count; KD rows add 2 N_teacher for the teacher's forward; ILD as row (i)), plus the causal
+attention's score and value products, which N does not see (JSON attention_flops_per_token; the table's "attn" is its
+share): per token and softmax-attention layer heads * (qk_head_dim + v_head_dim) * (seq + 1) forward (Q K^T and A V,
+2 FLOPs a multiply-add, query t meets t + 1 keys), 3x that forward + backward (no recompute counted). Teacher and
+transformer layers: 9 heads of 64 + 64; MLA layers: 9 heads, qk_nope_dim + qk_rope_dim = 64 + 32, v_head_dim 64;
+Mamba2 layers: none (their scan is left in the N-linear part). Counted: (a) every layer forward + backward; (b), (c)
+their MLA layers forward + backward; the KD rows the teacher's layers forward + the student's MLA layers forward +
+backward; ILD the teacher's layers forward + the pure-MLA student's 30 layers forward + backward. On SmolLM2's shape at
+seq 2048 (N = 134.5M, the teacher's; the hybrid with 3 MLA layers, kv_rank 128, rope 32), FLOPs per token:
+    row              N-linear   attention       total   attn share
+    transformer        807.1M      212.4M     1019.5M      20.8%      6.00 N -> 7.58 N
+    hybrid             865.9M       26.6M      892.4M       3.0%      6.44 N -> 6.63 N
+    kd_deepspeed      1134.9M       97.4M     1232.3M       7.9%      8.44 N -> 9.16 N
+    ild_deepspeed     1263.0M      336.4M     1599.4M      21.0%      9.39 N -> 11.89 N
+so an ILD token costs 1.30x a KD token with attention (1.11x without): at equal MFU, ILD runs at 0.77x KD's tokens/s.
 Prints a table of ratios against (a) and writes JSON. Timings only: nothing is asserted.
 
     python -m benchmarks.train_step --out train_step.json            # 16 x 2048 on one GPU
@@ -122,11 +137,45 @@ def bench_train_step(model, batch: int, seq: int, steps: int, warmup: int, devic
     step_s, loss = time_steps(step, steps, warmup, device)
     params = sum(p.numel() for p in model.parameters())
     tokens_per_s = batch * seq / step_s
-    out = dict(step_s=step_s, tokens_per_s=tokens_per_s, params=params, mfu=6 * params * tokens_per_s / peak_flops,
-               peak_gib=peak_gib(device), loss=loss.item())
+    out = dict(step_s=step_s, tokens_per_s=tokens_per_s, params=params, peak_gib=peak_gib(device), loss=loss.item(),
+               **flops_fields(6 * params, attention_flops(model.config, seq, backward=True), tokens_per_s,
+                              peak_flops))
     if profile_steps:
         out["profile"] = profile_ops(step, profile_steps, device, step_s)
     return out
+
+
+def attention_flops_per_token(heads: int, qk_head_dim: int, v_head_dim: int, seq: int, layers: int = 1,
+                              backward: bool = False) -> int:
+    """FLOPs per token of the score and value products (Q K^T and A V, 2 FLOPs a multiply-add) of `layers`
+    causal softmax-attention layers of `heads` heads at length seq: query t meets t + 1 keys, (seq + 1) / 2
+    on average, so forward = layers * heads * (qk_head_dim + v_head_dim) * (seq + 1); with backward 3x that
+    (the backward 2x the forward; no recompute counted). Not proportional to the parameter count."""
+    forward = layers * heads * (qk_head_dim + v_head_dim) * (seq + 1)
+    return 3 * forward if backward else forward
+
+
+def attention_dims(config) -> dict[str, int]:
+    """The softmax-attention shape of a model config: layers, heads, qk_head_dim, v_head_dim. A ZebraConfig
+    (it has mixer_types): its MLA layers, qk = qk_nope_dim + qk_rope_dim, v = v_head_dim (Mamba2 layers have no
+    such term: their scan is left in the N-linear count); any other (a LlamaConfig): every layer, head_dim."""
+    if hasattr(config, "mixer_types"):
+        return dict(layers=len(config.mla_layers), heads=config.num_attention_heads,
+                    qk_head_dim=config.qk_nope_dim + config.qk_rope_dim, v_head_dim=config.v_head_dim)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return dict(layers=config.num_hidden_layers, heads=config.num_attention_heads, qk_head_dim=head_dim,
+                v_head_dim=head_dim)
+
+
+def attention_flops(config, seq: int, backward: bool) -> int:
+    """attention_flops_per_token of a model config's attention layers (attention_dims)."""
+    return attention_flops_per_token(seq=seq, backward=backward, **attention_dims(config))
+
+
+def flops_fields(dense: int, attention: int, tokens_per_s: float, peak_flops: float) -> dict:
+    """A row's FLOPs per token, dense (the N-linear part) + attention (as attention_flops counts it), and its MFU."""
+    total = dense + attention
+    return dict(flops_per_token=total, attention_flops_per_token=attention, mfu=total * tokens_per_s / peak_flops)
 
 
 def time_steps(step, steps: int, warmup: int, device) -> tuple[float, Tensor]:
@@ -293,13 +342,17 @@ def _no_phase(name: str):
 
 
 def kd_result(student, teacher, kd: KDSetup, step_s: float, device, loss: float) -> dict:
-    """A KD row's figures: tokens/s of the student's tokens, MFU counting 6 N_student + 2 N_teacher per token."""
+    """A KD row's figures: tokens/s of the student's tokens, MFU counting 6 N_student + 2 N_teacher per token
+    plus the attention of the teacher's layers (forward) and the student's MLA layers (forward + backward)."""
     params = sum(p.numel() for p in student.parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters())
     tokens_per_s = kd.batch * kd.seq / step_s
+    attention = (attention_flops(teacher.config, kd.seq, backward=False)
+                 + attention_flops(student.config, kd.seq, backward=True))
     return dict(step_s=step_s, tokens_per_s=tokens_per_s, params=params, teacher_params=teacher_params,
-                mfu=(6 * params + 2 * teacher_params) * tokens_per_s / kd.peak_flops, peak_gib=peak_gib(device),
-                loss=loss, kd=dict(temperature=kd.temperature, top_k=kd.top_k, ce_weight=kd.ce_weight))
+                **flops_fields(6 * params + 2 * teacher_params, attention, tokens_per_s, kd.peak_flops),
+                peak_gib=peak_gib(device), loss=loss,
+                kd=dict(temperature=kd.temperature, top_k=kd.top_k, ce_weight=kd.ce_weight))
 
 
 def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage: int,
@@ -370,14 +423,17 @@ def ild_students(tiny: bool, chunk_size: int, device):
     return StudentPair(mla, mamba)
 
 
-def ild_flops_per_token(pair, teacher) -> float:
-    """2 N_teacher_layers (hidden states only: no lm_head) + per student 4 N_layers + 2 N_trainable (see the module
-    docstring's row (i))."""
-    flops = 2 * sum(p.numel() for p in teacher.model.layers.parameters())
+def ild_flops_per_token(pair, teacher, seq: int) -> tuple[int, int]:
+    """(dense, attention) FLOPs per token of an ILD step: dense 2 N_teacher_layers (hidden states only: no lm_head)
+    + per student 4 N_layers + 2 N_trainable; attention the teacher's layers forward + each student's MLA layers
+    forward and backward (the pure Mamba2 student has none). See the module docstring's row (i)."""
+    dense = 2 * sum(p.numel() for p in teacher.model.layers.parameters())
+    attention = attention_flops(teacher.config, seq, backward=False)
     for student in (pair.mla, pair.mamba):
-        flops += 4 * sum(p.numel() for p in student.model.layers.parameters())
-        flops += 2 * sum(p.numel() for p in student.parameters() if p.requires_grad)
-    return flops
+        dense += 4 * sum(p.numel() for p in student.model.layers.parameters())
+        dense += 2 * sum(p.numel() for p in student.parameters() if p.requires_grad)
+        attention += attention_flops(student.config, seq, backward=True)
+    return dense, attention
 
 
 def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: int) -> dict:
@@ -414,7 +470,8 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
         tokens_per_s = kd.batch * kd.seq / step_s
         out = dict(step_s=step_s, tokens_per_s=tokens_per_s, params=sum(p.numel() for p in pair.parameters()),
                    trainable=sum(p.numel() for p in pair.parameters() if p.requires_grad),
-                   mfu=ild_flops_per_token(engine.module, teacher.model) * tokens_per_s / kd.peak_flops,
+                   **flops_fields(*ild_flops_per_token(engine.module, teacher.model, kd.seq), tokens_per_s,
+                                  kd.peak_flops),
                    peak_gib=peak_gib(device), loss=loss, bf16=engine.bfloat16_enabled(), zero_stage=zero_stage)
         out["split"] = time_phases(split_step, kd.steps, device)
         if kd.profile_steps:
@@ -650,10 +707,11 @@ def free_memory(device) -> None:
 
 
 def table(results: dict) -> str:
-    """The train-step rows with ratios against the transformer, then the scan and norm rows against Triton's."""
+    """The train-step rows with ratios against the transformer (attn: the attention share of the row's FLOPs per
+    token), then the scan and norm rows against Triton's."""
     w = max([16] + [len(name) + 1 for name in results["train_step"]])  # the name column
     rows = [f"train step, batch {results['batch']} x {results['seq']}, {results['device']}",
-            f"{'model':<{w}}{'step s':>9}{'tokens/s':>12}{'x transf.':>10}{'peak GiB':>10}{'MFU':>7}"]
+            f"{'model':<{w}}{'step s':>9}{'tokens/s':>12}{'x transf.':>10}{'peak GiB':>10}{'MFU':>7}{'attn':>7}"]
     base = results["train_step"].get("transformer", {}).get("tokens_per_s")
     for name, r in results["train_step"].items():
         if "skipped" in r:
@@ -661,8 +719,9 @@ def table(results: dict) -> str:
             continue
         ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        attn = 100 * r["attention_flops_per_token"] / r["flops_per_token"]
         rows.append(f"{name:<{w}}{r['step_s']:>9.3f}{r['tokens_per_s']:>12,.0f}{ratio:>10}{peak:>10}"
-                    f"{r['mfu'] * 100:>6.1f}%")
+                    f"{r['mfu'] * 100:>6.1f}%{attn:>6.1f}%")
     for key, title in (("ssd_scan", f"SSD scan forward + backward (chunk {results['chunk_size']})"),
                        ("gated_rms_norm", "gated RMSNorm forward + backward")):
         rows += [title, f"{'path':<16}{'ms':>9}{'x triton':>10}"]
