@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 PROBE_TIMEOUT_S = 10.0
 # Ray Train's placement-group cleaner asks the State API (served by the dashboard) whether the controller
-# lives, once a second; an embedded Ray runs no dashboard, so it warned a hundred times a run.
-QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# lives, once a second; an embedded Ray runs no dashboard, so it warned a hundred times a run. Its
+# controller also registers each worker group with the autoscaling coordinator (an actor it starts on first
+# use) and gives that call 5 s: on a busy node the actor starts later, and every training stage began with
+# a GetTimeoutError traceback, though nothing waits on the call and an embedded Ray has no autoscaler.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                 "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
 
 
 class ClusterUnreachable(ConnectionError):

@@ -86,15 +86,25 @@ def test_unreachable_address_fails_fast_naming_it(monkeypatch):
     assert time.monotonic() - start < 30
 
 
-def test_quiet_loggers_survive_ray_trains_logging_setup():
+def test_quiet_loggers_name_modules_of_the_installed_ray():
+    """A logger name that no module of this Ray has (a renamed module) would quiet nothing."""
+    import importlib.util
+
+    from cluster.connect import QUIET_LOGGERS
+
+    assert [name for name in QUIET_LOGGERS if importlib.util.find_spec(name) is None] == []
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_quiet_loggers_survive_ray_trains_logging_setup(index):
     """Ray Train configures `ray.train` with logging.config.dictConfig in every controller process (and Ray
-    reuses worker processes), which sets child loggers back to NOTSET: the cleaner's State-API warnings
-    must stay out anyway, and its errors must still come through."""
+    reuses worker processes), which sets child loggers back to NOTSET: the cleaner's State-API warnings and
+    the autoscaling client's timeouts must stay out anyway, and their errors must still come through."""
     import logging.config
 
     from cluster.connect import QUIET_LOGGERS, embedded_worker_setup
 
-    logger = logging.getLogger(QUIET_LOGGERS[0])
+    logger = logging.getLogger(QUIET_LOGGERS[index])
     saved = logger.level, list(logger.filters), list(logger.handlers), logger.propagate
     seen: list[int] = []
     try:
