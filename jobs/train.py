@@ -319,9 +319,7 @@ def train_worker(config: dict, session: Session) -> None:
     window = _Window()
     for step in range(done + 1, cfg.total_steps + 1):
         _maybe_fault(step, rank, world, cfg.checkpoint_every)
-        start = time.perf_counter()
-        loss = _optimizer_step(engine, teacher, config["objective"], batches, cfg, device)
-        window.add(loss, time.perf_counter() - start)
+        window.add(_optimizer_step(engine, teacher, config["objective"], batches, cfg, device))
         checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
         if not (checkpoint or step % cfg.log_every == 0):
             continue
@@ -333,6 +331,7 @@ def train_worker(config: dict, session: Session) -> None:
             _report_checkpoint(engine, metrics, session, final=step == cfg.total_steps)
         else:
             session.report(metrics, None)
+        window.restart()  # the held-out figures and the checkpoint are no step's time
 
 
 class _HeldOut:
@@ -366,27 +365,32 @@ def _autocast(engine):
 
 
 class _Window:
-    """The steps since the last report: their losses and seconds."""
+    """The steps since the last report: their losses, kept on the device until the report reads them all at
+    once (a host read every step would drain the GPU's queue every step, and a host-bound step then pays
+    its launch time in full), and the wall time from the window's start to that read."""
 
     def __init__(self):
-        self.losses: list[float] = []
-        self.seconds = 0.0
+        self.losses: list[Tensor] = []
+        self.restart()
 
-    def add(self, loss: float, seconds: float) -> None:
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+
+    def add(self, loss: Tensor) -> None:
         self.losses.append(loss)
-        self.seconds += seconds
 
     def flush(self, step: int, cfg: TrainConfig, lr: float, resumed_from: int) -> dict:
-        """The report's metrics (loss and speed averaged over the window); starts a new window."""
-        n = len(self.losses)
+        """The report's metrics (loss and speed averaged over the window); starts a new window's losses."""
+        n, losses = len(self.losses), torch.stack(self.losses).tolist()  # waits for the window's steps
+        seconds = time.perf_counter() - self.start
         metrics = {
-            "step": step, "loss": sum(self.losses) / n, "lr": lr, "tokens": step * cfg.tokens_per_step,
-            "tokens_per_s": n * cfg.tokens_per_step / self.seconds, "step_s": self.seconds / n,
+            "step": step, "loss": sum(losses) / n, "lr": lr, "tokens": step * cfg.tokens_per_step,
+            "tokens_per_s": n * cfg.tokens_per_step / seconds, "step_s": seconds / n,
             "resumed_from": resumed_from,
         }
         if cfg.use_gpu:  # this worker's peak allocated GPU memory so far (the teacher's too when in-process)
             metrics["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self.losses, self.seconds = [], 0.0
+        self.losses = []
         return metrics
 
 
@@ -408,7 +412,9 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     hybrid's 9-element vectors (dt_bias, A_log, D) leave the matrices after them off 16-byte alignment, and
     cuBLAS then runs their products on slow fallback kernels (measured on an H200: the student forward
     110 ms instead of 69 ms); parameter_alignment pads each weight to 16 bytes. (A checkpoint saved without
-    it does not resume with it: DeepSpeed says so.)"""
+    it does not resume with it: DeepSpeed says so.) DeepSpeed's throughput timer, which we do not read, is
+    off: it synchronised the device at every engine forward and step, so the host could not queue the
+    student's kernels while the GPU ran the teacher's (two drains a step of a partly host-bound step)."""
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage in (1, 2) and _deepspeed_has("zero", "compute_grad_norm"):
         zero["compute_grad_norm"] = False
@@ -426,6 +432,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "zero_allow_untested_optimizer": True,  # GroupClippedAdamW: torch's AdamW plus clipping
         "bf16": bf16,
         "steps_per_print": cfg.total_steps + 1,  # we log; keep DeepSpeed's own step lines out
+        "timers": {"throughput": {"enabled": False}},  # it synchronises the device at every forward and step
     }
 
 
@@ -544,8 +551,9 @@ def _resume(engine, checkpoint: Checkpoint | None) -> int:
     return client_state["step"]
 
 
-def _optimizer_step(engine, teacher, objective: Objective, batches, cfg: TrainConfig, device) -> float:
-    """grad_accum micro-batches forward/backward and one optimizer step; the loss averaged over ranks."""
+def _optimizer_step(engine, teacher, objective: Objective, batches, cfg: TrainConfig, device) -> Tensor:
+    """grad_accum micro-batches forward/backward and one optimizer step; the loss averaged over ranks, a
+    float32 scalar on the device (read at the report: _Window)."""
     total = torch.zeros((), device=device)
     for _ in range(cfg.grad_accum):
         batch = _next_batch(batches, cfg, device)
@@ -555,7 +563,7 @@ def _optimizer_step(engine, teacher, objective: Objective, batches, cfg: TrainCo
         engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
         total += loss.detach().float()
     dist.all_reduce(total)
-    return total.item() / (cfg.grad_accum * dist.get_world_size())
+    return total / (cfg.grad_accum * dist.get_world_size())
 
 
 def _next_batch(batches, cfg: TrainConfig, device) -> Batch:
@@ -566,6 +574,8 @@ def _next_batch(batches, cfg: TrainConfig, device) -> Batch:
     if shape != (cfg.micro_batch, cfg.seq_len):
         raise ValueError(f"batch input_ids shape {shape} != (TrainConfig.micro_batch, TrainConfig.seq_len) "
                          f"= {(cfg.micro_batch, cfg.seq_len)}")
+    if device.type == "cuda":  # from pinned memory, asynchronously: a pageable copy first drains the stream
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -134,6 +134,22 @@ def test_zero2_keeps_every_weight_16_byte_aligned(one_rank_group):
     assert not torch.equal(before, engine.module.third.weight)
 
 
+def test_engine_steps_without_synchronising_the_device(one_rank_group, monkeypatch):
+    """A training step must not wait for the device: DeepSpeed's throughput timer synchronised it at every
+    forward and step (two drains a step of a host-bound GPU step); the stage's config turns it off."""
+    from deepspeed.accelerator import get_accelerator
+
+    cfg = TrainConfig(workers=1, zero_stage=2, lr=1e-2, total_steps=3, micro_batch=4)
+    engine = _engine(cfg, OddSizes(), world=1)
+    accelerator, calls = get_accelerator(), []
+    monkeypatch.setattr(accelerator, "synchronize", lambda *a, **k: calls.append(a))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        engine.backward(engine(x))
+        engine.step()
+    assert calls == []
+
+
 def test_spec_fields_reach_the_recipe_and_are_checked():
     from jobs.context import train_config
     from jobs.spec import SpecError, load_spec
@@ -148,3 +164,24 @@ def test_spec_fields_reach_the_recipe_and_are_checked():
             load_spec({section: value})
     with pytest.raises(ValueError, match="TrainConfig.grad_clip"):
         TrainConfig(grad_clip=0.0)
+
+
+def test_window_reads_the_losses_once_and_times_only_its_steps():
+    """The report's window keeps each step's loss on the device (a host read per step would drain the GPU
+    queue), averages them at the report, and counts wall time from its (re)start: the time spent on the
+    previous report (held-out figures, a checkpoint) is no step's."""
+    import time
+
+    from jobs.train import _Window
+
+    cfg = TrainConfig(workers=1, micro_batch=4, seq_len=8, total_steps=10)
+    window = _Window()
+    time.sleep(0.3)  # a report's work, before the restart
+    window.restart()
+    losses = torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).float()
+    for loss in losses:
+        window.add(loss.clone())
+    metrics = window.flush(step=3, cfg=cfg, lr=1e-3, resumed_from=0)
+    assert metrics["loss"] == pytest.approx(float(losses.double().mean()), rel=1e-6)
+    assert metrics["step_s"] < 0.1 and metrics["tokens_per_s"] == pytest.approx(cfg.tokens_per_step / metrics["step_s"])
+    assert window.losses == [] and metrics["tokens"] == 3 * cfg.tokens_per_step
