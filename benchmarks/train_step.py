@@ -351,7 +351,7 @@ def kd_result(student, teacher, kd: KDSetup, step_s: float, device, loss: float)
                  + attention_flops(student.config, kd.seq, backward=True))
     return dict(step_s=step_s, tokens_per_s=tokens_per_s, params=params, teacher_params=teacher_params,
                 **flops_fields(6 * params + 2 * teacher_params, attention, tokens_per_s, kd.peak_flops),
-                peak_gib=peak_gib(device), loss=loss,
+                peak_gib=peak_gib(device), loss=float(loss),  # _optimizer_step's loss is a device scalar
                 kd=dict(temperature=kd.temperature, top_k=kd.top_k, ce_weight=kd.ce_weight))
 
 
@@ -472,7 +472,7 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
                    trainable=sum(p.numel() for p in pair.parameters() if p.requires_grad),
                    **flops_fields(*ild_flops_per_token(engine.module, teacher.model, kd.seq), tokens_per_s,
                                   kd.peak_flops),
-                   peak_gib=peak_gib(device), loss=loss, bf16=engine.bfloat16_enabled(), zero_stage=zero_stage)
+                   peak_gib=peak_gib(device), loss=float(loss), bf16=engine.bfloat16_enabled(), zero_stage=zero_stage)
         out["split"] = time_phases(split_step, kd.steps, device)
         if kd.profile_steps:
             out["profile"] = profile_ops(step, kd.profile_steps, device, step_s)
