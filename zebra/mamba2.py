@@ -114,7 +114,7 @@ class Mamba2Mixer(nn.Module):
         if state is not None and new == 1 and valid is None:
             y = self._step(xbc[:, 0], dt[:, 0], *state, mask)
         else:
-            y, window, ssm = self._scan(xbc, dt, state, mask, valid)
+            y, window, ssm = self._scan(xbc, dt, state, mask, valid, keep_window=cache is not None)
             if cache is not None:
                 cache.set_mamba_state(self.layer_idx, window, ssm)
         return self.out_proj(self.norm(y.flatten(-2), z))
@@ -133,10 +133,10 @@ class Mamba2Mixer(nn.Module):
             return self.in_proj(hidden_states)
         return F.linear(hidden_states, F.pad(weight, (0, 0, 0, pad)))[..., :width]
 
-    def _scan(self, xbc, dt, state, mask, valid=None):
+    def _scan(self, xbc, dt, state, mask, valid=None, keep_window=True):
         """xbc [b, t, conv_dim], dt [b, t, heads], state (window, ssm) or None, mask [b, t, 1] or None, valid
         int [b] or None (real tokens per row, the window ends at the last) -> y [b, t, heads, P],
-        window [b, conv_dim, d_conv], ssm [b, heads, P, N]."""
+        window [b, conv_dim, d_conv] (None unless keep_window: a training pass keeps no cache), ssm [b, heads, P, N]."""
         window, ssm = state if state is not None else (None, None)
         conv_in = xbc.transpose(1, 2)
         initial = None if window is None else window[..., 1:]
@@ -144,7 +144,7 @@ class Mamba2Mixer(nn.Module):
                                  activation="silu").transpose(1, 2)
         x, B, C = self._heads(conv_out if mask is None else conv_out * mask)  # masked positions feed no state
         y, ssm = ssd_scan(x, dt, self._A(), B, C, self.chunk_size, D=self.D, initial_state=ssm, backend=self.backend)
-        return y, self._last_window(conv_in, window, valid), ssm
+        return y, self._last_window(conv_in, window, valid) if keep_window else None, ssm
 
     def _step(self, xbc, dt, window, ssm, mask):
         """One token: xbc [b, conv_dim], dt [b, heads], mask [b, 1, 1] or None -> y [b, 1, heads, P]; updates
