@@ -6,18 +6,21 @@ where `in` is x preceded by the k-1 inputs of `initial_window` (zeros when None)
 accepted; the Mamba2 mixer passes x channel-last (a transposed [b, l, c] tensor), and the output
 keeps x's layout. Products and sums run in float32 whatever the input dtype.
 
-Three layers: `_fwd`/`_bwd` launch the kernels, registered as torch.library custom ops (so torch.compile
-keeps them whole, with no graph break and no tracing into the launches), `_CausalConv1d` is the autograd
-Function over them, and `causal_conv1d_triton` is the public function. The backward recomputes the
-pre-activation instead of saving it: a first kernel writes the gradient at the pre-activation (float32)
-and per-block partial sums of the weight and bias gradients (deterministic, no atomics; one torch.sum
-reduces them), a second gathers the input and window gradients from it.
+Three layers: `_fwd_impl`/`_bwd_impl` launch the kernels and are registered as the torch.library custom ops
+`_fwd`/`_bwd` (so torch.compile keeps them whole, with no graph break and no tracing into the launches),
+`_CausalConv1d` is the autograd Function over them (the ops under torch.compile, the plain launchers in eager
+mode, which saves the ops' host time: `kernels._eager.op_or_impl`), and `causal_conv1d_triton` is the public
+function. The backward recomputes the pre-activation instead of saving it: a first kernel writes the gradient at
+the pre-activation (float32) and per-block partial sums of the weight and bias gradients (deterministic, no
+atomics; one torch.sum reduces them), a second gathers the input and window gradients from it.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._eager import op_or_impl
 
 ACTIVATIONS = (None, "silu")
 # Tiles and warps picked by register count for sm_90 (ptxas: 64-128 registers a thread, no spills):
@@ -175,9 +178,8 @@ def _window_args(x, initial_window):
     return initial_window, *initial_window.stride()
 
 
-@torch.library.custom_op("zebra::causal_conv1d_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_window: torch.Tensor | None,
-         silu: bool) -> torch.Tensor:
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              initial_window: torch.Tensor | None, silu: bool) -> torch.Tensor:
     """x [b, c, l], weight [c, k], bias [c] or None, initial_window [b, c, k-1] or None
     -> out [b, c, l] in x's dtype and layout (torch.empty_like's: x's strides when x is dense)."""
     (b, c, l), k = x.shape, weight.shape[1]
@@ -192,15 +194,17 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initi
     return out
 
 
+_fwd = torch.library.custom_op("zebra::causal_conv1d_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _(x, weight, bias, initial_window, silu):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("zebra::causal_conv1d_bwd", mutates_args=())
-def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         initial_window: torch.Tensor | None, silu: bool
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              initial_window: torch.Tensor | None, silu: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `_fwd`'s output given dout [b, c, l]: dx (x's dtype and layout), dweight [c, k] (weight's
     dtype), dbias [c] (bias's dtype), dwindow [b, c, k-1] (the window's dtype and layout). A custom op returns
     tensors only: without a bias, dbias is an empty [0] tensor in weight's dtype, and without a window dwindow
@@ -230,6 +234,9 @@ def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return dx, dw_part.sum(0).to(weight.dtype), dbias, x.new_empty(0) if dwin is None else dwin
 
 
+_bwd = torch.library.custom_op("zebra::causal_conv1d_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd.register_fake
 def _(dout, x, weight, bias, initial_window, silu):
     return (torch.empty_like(x), weight.new_empty(weight.shape), weight.new_empty(0) if bias is None else
@@ -241,12 +248,12 @@ class _CausalConv1d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_window, silu: bool):
         ctx.save_for_backward(x, weight, bias, initial_window)
         ctx.silu = silu
-        return _fwd(x, weight, bias, initial_window, silu)
+        return op_or_impl(_fwd, _fwd_impl)(x, weight, bias, initial_window, silu)
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, initial_window = ctx.saved_tensors
-        dx, dweight, dbias, dwin = _bwd(dout, x, weight, bias, initial_window, ctx.silu)
+        dx, dweight, dbias, dwin = op_or_impl(_bwd, _bwd_impl)(dout, x, weight, bias, initial_window, ctx.silu)
         return dx, dweight, None if bias is None else dbias, None if initial_window is None else dwin, None
 
 

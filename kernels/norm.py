@@ -8,9 +8,11 @@ This is mamba_ssm's RMSNormGated with norm_before_gate=False. The kernels read y
 (bfloat16 under autocast), compute in float32 and write the output in y's dtype, so no float32 copy of a
 [batch, seq, dim] tensor is ever made; the backward recomputes g from y and z and needs only rstd.
 
-Three layers (STYLE.md): the launchers `_fwd` and `_bwd`, registered as torch.library custom ops (so
-torch.compile keeps them whole, with no graph break) with their autograd formula, and the dispatch point
-`gated_rms_norm`, which picks the kernel on CUDA and `gated_rms_norm_ref` elsewhere.
+Three layers (STYLE.md): the launchers `_fwd_impl` and `_bwd_impl`, registered as the torch.library custom ops
+`_fwd` and `_bwd` (so torch.compile keeps them whole, with no graph break) with their autograd formula, and
+`_GatedRMSNorm`, an autograd Function with the same formula over the plain launchers, which eager mode calls
+instead of the ops to save their host time (as `kernels._eager.op_or_impl`); then the dispatch point
+`gated_rms_norm`, which picks the kernel on CUDA and `gated_rms_norm_ref` elsewhere. `rms_norm` has the same.
 """
 from __future__ import annotations
 
@@ -108,9 +110,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("zebra::gated_rms_norm_fwd", mutates_args=())
-def _fwd(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
-         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y, z [m, dim] (rows of any stride), weight [dim] -> out [m, dim] in y's dtype, rstd [m, dim // group_size]
     float32."""
     (m, dim), groups = y.shape, y.shape[1] // group_size
@@ -123,15 +124,17 @@ def _fwd(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int
     return out, rstd
 
 
+_fwd = torch.library.custom_op("zebra::gated_rms_norm_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _(y, z, weight, group_size, eps):
     return torch.empty_like(y, memory_format=torch.contiguous_format), y.new_empty(
         y.shape[0], y.shape[1] // group_size, dtype=torch.float32)
 
 
-@torch.library.custom_op("zebra::gated_rms_norm_bwd", mutates_args=())
-def _bwd(dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-         group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+              group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients dy [m, dim] (y's dtype), dz [m, dim] (z's dtype), dweight [dim] (weight's dtype) given
     dout [m, dim] and the forward's rstd."""
     (m, dim), groups = y.shape, y.shape[1] // group_size
@@ -146,6 +149,9 @@ def _bwd(dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torch.Ten
     return dy, dz, dw_part.sum(0).to(weight.dtype)
 
 
+_bwd = torch.library.custom_op("zebra::gated_rms_norm_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd.register_fake
 def _(dout, y, z, weight, rstd, group_size):
     return (torch.empty_like(y, memory_format=torch.contiguous_format),
@@ -158,13 +164,27 @@ def _setup_context(ctx, inputs, output):
     ctx.group_size = group_size
 
 
-def _backward(ctx, dout, _drstd):
+def _backward(ctx, dout, _drstd, bwd=_bwd):
     y, z, weight, rstd = ctx.saved_tensors
-    dy, dz, dweight = _bwd(dout, y, z, weight, rstd, ctx.group_size)
+    dy, dz, dweight = bwd(dout, y, z, weight, rstd, ctx.group_size)
     return dy, dz, dweight, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    """The eager twin of the op `_fwd` with its autograd formula: the same launchers, called directly."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, rstd = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, (out, rstd))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _backward(ctx, dout, None, bwd=_bwd_impl)
 
 
 def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
@@ -176,7 +196,9 @@ def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor
         raise ValueError(f"gated_rms_norm: need y, z [..., dim], weight [dim] and group_size dividing dim; got "
                          f"y {tuple(y.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}, "
                          f"group_size {group_size}")
-    out, _ = _fwd(y.reshape(-1, dim), z.reshape(-1, dim), weight, group_size, eps)
+    args = (y.reshape(-1, dim), z.reshape(-1, dim), weight, group_size, eps)
+    # The op under torch.compile, its eager twin otherwise: see kernels._eager.op_or_impl.
+    out = _fwd(*args)[0] if torch.compiler.is_compiling() else _GatedRMSNorm.apply(*args)
     return out.view(y.shape)
 
 
@@ -276,8 +298,7 @@ def _rms_blocks(dim: int) -> tuple[int, int]:
     return max(1, min(32, RMS_TILE // block_n)), block_n
 
 
-@torch.library.custom_op("zebra::rms_norm_fwd", mutates_args=())
-def _rms_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_fwd_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [m, dim] (rows of any stride), weight [dim] -> out [m, dim] in promote_types(x, weight), rstd [m]
     float32."""
     (m, dim), x = x.shape, _rows(x)
@@ -289,15 +310,17 @@ def _rms_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     return out, rstd
 
 
+_rms_fwd = torch.library.custom_op("zebra::rms_norm_fwd", _rms_fwd_impl, mutates_args=())
+
+
 @_rms_fwd.register_fake
 def _(x, weight, eps):
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
     return out, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("zebra::rms_norm_bwd", mutates_args=())
-def _rms_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_bwd_impl(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients dx [m, dim] (x's dtype) and dweight [dim] (weight's dtype) given dout [m, dim] and the
     forward's rstd [m]."""
     (m, dim), dout, x = x.shape, _rows(dout), _rows(x)
@@ -310,6 +333,9 @@ def _rms_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx, dw_part.sum(0).to(weight.dtype)
 
 
+_rms_bwd = torch.library.custom_op("zebra::rms_norm_bwd", _rms_bwd_impl, mutates_args=())
+
+
 @_rms_bwd.register_fake
 def _(dout, x, weight, rstd):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
@@ -320,13 +346,27 @@ def _rms_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output[1])
 
 
-def _rms_backward(ctx, dout, _drstd):
+def _rms_backward(ctx, dout, _drstd, bwd=_rms_bwd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dweight = _rms_bwd(dout, x, weight, rstd)
+    dx, dweight = bwd(dout, x, weight, rstd)
     return dx, dweight, None
 
 
 _rms_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """The eager twin of the op `_rms_fwd` with its autograd formula: the same launchers, called directly."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, rstd = _rms_fwd_impl(*inputs)
+        _rms_setup_context(ctx, inputs, (out, rstd))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _rms_backward(ctx, dout, None, bwd=_rms_bwd_impl)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -336,7 +376,9 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if weight.shape != (dim,):
         raise ValueError(f"rms_norm: need x [..., dim] and weight [dim]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    out, _ = _rms_fwd(x.reshape(-1, dim), weight, eps)
+    args = (x.reshape(-1, dim), weight, eps)
+    # The op under torch.compile, its eager twin otherwise: see kernels._eager.op_or_impl.
+    out = _rms_fwd(*args)[0] if torch.compiler.is_compiling() else _RMSNorm.apply(*args)
     return out.view(*x.shape[:-1], dim)
 
 

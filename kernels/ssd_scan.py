@@ -9,15 +9,18 @@ Positions past the sequence end load as dt = 0 and x = B = C = 0, which leaves t
 length works without a padded copy. Matrix products run through tl.dot on the inputs' dtype (bf16/fp16, or
 fp32 in full precision, not TF32) and accumulate in float32; decays, states and the final state are float32.
 
-Three layers (STYLE.md): the launchers `_fwd` and `_bwd` (torch.library custom ops, so that torch.compile
-keeps each whole instead of tracing into the launches: no graph break), the autograd Function `_SSDScan`, and
-the public `ssd_scan_triton`, which has the signature of the reference.
+Three layers (STYLE.md): the launchers `_fwd_impl` and `_bwd_impl`, registered as the torch.library custom ops
+`_fwd` and `_bwd` (so that torch.compile keeps each whole instead of tracing into the launches: no graph break),
+the autograd Function `_SSDScan` (the ops under torch.compile, the plain launchers in eager mode, which saves the
+ops' host time: `kernels._eager.op_or_impl`), and the public `ssd_scan_triton`, with the reference's signature.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._eager import op_or_impl
 
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 BLOCK_T = 64  # positions per block inside a chunk
@@ -303,10 +306,9 @@ def _blocks(chunk_size: int, p: int, n: int, dtype: torch.dtype) -> dict:
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
-@torch.library.custom_op("zebra::ssd_scan_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-         D: torch.Tensor | None, initial_state: torch.Tensor | None
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_impl(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+              D: torch.Tensor | None, initial_state: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launchers. Shapes as `ssd_scan_triton` -> y [b, l, h, p], final [b, h, p, n],
     acum [b, h, chunks * chunk_size], states [b, chunks, h, p, n] (the state entering each chunk)."""
     (b, l, h, p), g, n = x.shape, B.shape[2], B.shape[3]
@@ -329,6 +331,9 @@ def _fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C:
     return y, final, acum, states
 
 
+_fwd = torch.library.custom_op("zebra::ssd_scan_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _(x, dt, A, B, C, chunk_size, D, initial_state):
     (b, l, h, p), n, f32 = x.shape, B.shape[3], torch.float32
@@ -337,11 +342,10 @@ def _(x, dt, A, B, C, chunk_size, D, initial_state):
             x.new_empty(b, chunks, h, p, n, dtype=f32))
 
 
-@torch.library.custom_op("zebra::ssd_scan_bwd", mutates_args=())
-def _bwd(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-         B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, acum: torch.Tensor, states: torch.Tensor,
-         chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                   torch.Tensor]:
+def _bwd_impl(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+              B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, acum: torch.Tensor, states: torch.Tensor,
+              chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor]:
     """Backward launchers: -> dx, ddt, dA, dB, dC, dD (in A's dtype without D), dinit [b, h, p, n] (float32).
     dB, dC are summed over the heads of each group and returned in B's dtype (B and C share it)."""
     (b, l, h, p), g, n = x.shape, B.shape[2], B.shape[3]
@@ -377,6 +381,9 @@ def _bwd(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tens
     return dx, ddt.to(dt.dtype), dA.sum((0, 2)).to(A.dtype), dB, dC, dD, dinit
 
 
+_bwd = torch.library.custom_op("zebra::ssd_scan_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd.register_fake
 def _(dy, dfinal, x, dt, A, B, C, D, acum, states, chunk_size):
     (b, l, h, p), n = x.shape, B.shape[3]
@@ -388,7 +395,7 @@ def _(dy, dfinal, x, dt, A, B, C, D, acum, states, chunk_size):
 class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
-        y, final, acum, states = _fwd(x, dt, A, B, C, chunk_size, D, initial_state)
+        y, final, acum, states = op_or_impl(_fwd, _fwd_impl)(x, dt, A, B, C, chunk_size, D, initial_state)
         ctx.save_for_backward(x, dt, A, B, C, D, acum, states)
         ctx.chunk_size, ctx.init_dtype = chunk_size, None if initial_state is None else initial_state.dtype
         return y, final
@@ -396,7 +403,8 @@ class _SSDScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, D, acum, states = ctx.saved_tensors
-        dx, ddt, dA, dB, dC, dD, dinit = _bwd(dy, dfinal, x, dt, A, B, C, D, acum, states, ctx.chunk_size)
+        bwd = op_or_impl(_bwd, _bwd_impl)
+        dx, ddt, dA, dB, dC, dD, dinit = bwd(dy, dfinal, x, dt, A, B, C, D, acum, states, ctx.chunk_size)
         dinit = None if ctx.init_dtype is None else dinit.to(ctx.init_dtype)
         return dx, ddt, dA, dB, dC, None, None if D is None else dD, dinit
 
