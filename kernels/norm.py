@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._eager import eager_twin
 from kernels.dispatch import device_reason, use_kernel
 
 log = logging.getLogger(__name__)
@@ -173,18 +174,7 @@ def _backward(ctx, dout, _drstd, bwd=_bwd):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _GatedRMSNorm(torch.autograd.Function):
-    """The eager twin of the op `_fwd` with its autograd formula: the same launchers, called directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out, rstd = _fwd_impl(*inputs)
-        _setup_context(ctx, inputs, (out, rstd))
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        return _backward(ctx, dout, None, bwd=_bwd_impl)
+_GatedRMSNorm = eager_twin("_GatedRMSNorm", _fwd_impl, _bwd_impl, _setup_context, _backward)
 
 
 def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
@@ -355,18 +345,7 @@ def _rms_backward(ctx, dout, _drstd, bwd=_rms_bwd):
 _rms_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 
 
-class _RMSNorm(torch.autograd.Function):
-    """The eager twin of the op `_rms_fwd` with its autograd formula: the same launchers, called directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out, rstd = _rms_fwd_impl(*inputs)
-        _rms_setup_context(ctx, inputs, (out, rstd))
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        return _rms_backward(ctx, dout, None, bwd=_rms_bwd_impl)
+_RMSNorm = eager_twin("_RMSNorm", _rms_fwd_impl, _rms_bwd_impl, _rms_setup_context, _rms_backward)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
