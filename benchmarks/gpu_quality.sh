@@ -2,7 +2,8 @@
 # The quality runs of notes/RESULTS.md on a 2 x H200 host: the whole pipeline twice side by side, one GPU
 # each, 3 MLA layers (4.2% KV) on GPU 0 and 2 MLA layers (2.8%) on GPU 1, detached from a copy of the
 # tree (the host replaces the uploaded tree on every call); on a host of one GPU only the 3-MLA run
-# (RUNS="mla2" or RUNS="mla3 mla2" chooses). After the stage bundle (`source /tmp/zebra-stage/env.sh`):
+# (RUNS="mla2" or RUNS="mla3 mla2" chooses; RUNS=2gpu runs jobs/examples/smollm2-prose-2gpu.yaml, one job
+# on every GPU of the host, SPEC_SET_2GPU its fields). After the stage bundle (`source /tmp/zebra-stage/env.sh`):
 #   bash benchmarks/gpu_quality.sh start     # returns at once; logs in /tmp/quality/*.log
 #                                            # (SPEC_SET="kd.tokens=N ..." changes fields of both runs' specs;
 #                                            # SPEC_SET_MLA3 / SPEC_SET_MLA2: one run's spec only; give the
@@ -55,11 +56,17 @@ PY
     }
     set_fields jobs/examples/smollm2-prose-1gpu.yaml ${SPEC_SET:-} ${SPEC_SET_MLA3:-} || exit 1
     set_fields $Q/mla2.yaml ${SPEC_SET:-} ${SPEC_SET_MLA2:-} || exit 1
+    set_fields jobs/examples/smollm2-prose-2gpu.yaml ${SPEC_SET:-} ${SPEC_SET_2GPU:-} || exit 1
     gpu=0
     for name in $runs; do
-        spec=$([ $name = mla3 ] && echo jobs/examples/smollm2-prose-1gpu.yaml || echo $Q/mla2.yaml)
-        CUDA_VISIBLE_DEVICES=$gpu PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$spec" >> $Q/$name.log 2>&1 < /dev/null &
-        echo $! > $Q/$name.pid; echo "$name on GPU $gpu: pid $!"; gpu=$((gpu + 1))
+        case $name in
+        mla3) spec=jobs/examples/smollm2-prose-1gpu.yaml; devices=$gpu ;;
+        mla2) spec=$Q/mla2.yaml; devices=$gpu ;;
+        2gpu) spec=jobs/examples/smollm2-prose-2gpu.yaml; devices=$(seq -s, 0 $((gpus - 1))) ;;
+        *) echo "start: unknown run $name (mla3, mla2, 2gpu)"; exit 2 ;;
+        esac
+        CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$spec" >> $Q/$name.log 2>&1 < /dev/null &
+        echo $! > $Q/$name.pid; echo "$name on GPU $devices: pid $!"; gpu=$((gpu + 1))
     done ;;
 stop)
     # each run is the leader of its own session (setsid): signal the group, then Ray's daemons on this node
@@ -71,7 +78,7 @@ stop)
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader ;;
 poll)
     sleep "${2:-0}"
-    for r in mla3 mla2; do
+    for r in mla3 mla2 2gpu; do
         [ -e $Q/$r.log ] || continue; echo "== $r"; grep -E "stage [a-z]+: |Error|error:|Traceback|tok/s|held-out|retention|FAILED" $Q/$r.log \
             | grep -v "^\s*$" | tail -${LINES_PER_RUN:-12}
     done
