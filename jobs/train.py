@@ -575,7 +575,8 @@ def _next_batch(batches, cfg: TrainConfig, device) -> Batch:
         raise ValueError(f"batch input_ids shape {shape} != (TrainConfig.micro_batch, TrainConfig.seq_len) "
                          f"= {(cfg.micro_batch, cfg.seq_len)}")
     if device.type == "cuda":  # from pinned memory, asynchronously: a pageable copy first drains the stream
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
+                for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 
 
