@@ -105,31 +105,29 @@ def teacher_student_figures(teacher: nn.Module, student: nn.Module, ids: Tensor,
     next-token cross-entropy in nats (as held_out_ce; exp of it is the perplexity). SMART's many scorings
     (kl_of_choices) take the KL alone."""
     t_device, s_device = next(teacher.parameters()).device, next(student.parameters()).device
-    kl = ce_teacher = ce_student = 0.0
+    sums = dict.fromkeys(("kl", "ce_teacher", "ce_student") if cross_entropy else ("kl",), 0.0)
     for s in range(0, len(ids), batch):
         chunk = ids[s:s + batch]
         want = teacher(chunk.to(t_device)).logits.float().to(s_device)
         got = student(chunk.to(s_device)).logits
-        kl += kd_loss(got, want).item() * len(chunk)
-        if not cross_entropy:
-            continue
-        targets = chunk[:, 1:].flatten().to(s_device)
-        ce_teacher += F.cross_entropy(want[:, :-1].flatten(0, 1), targets, reduction="sum").item()
-        ce_student += F.cross_entropy(got[:, :-1].float().flatten(0, 1), targets, reduction="sum").item()
-    if not cross_entropy:
-        return {"kl": kl / len(ids)}
+        sums["kl"] += kd_loss(got, want).item() * len(chunk)
+        if cross_entropy:
+            sums["ce_teacher"] += _next_token_nll(want, chunk)
+            sums["ce_student"] += _next_token_nll(got, chunk)
     predictions = len(ids) * (ids.shape[1] - 1)
-    return {"kl": kl / len(ids), "ce_teacher": ce_teacher / predictions, "ce_student": ce_student / predictions}
+    return {key: total / (len(ids) if key == "kl" else predictions) for key, total in sums.items()}
+
+
+def _next_token_nll(logits: Tensor, ids: Tensor) -> float:
+    """Summed next-token cross-entropy (nats) of logits [b, seq, vocab] for ids [b, seq]: seq - 1 predictions a row."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten().to(logits.device),
+                           reduction="sum").item()
 
 
 @torch.no_grad()
 def held_out_ce(model: nn.Module, ids: Tensor, batch: int = 4) -> float:
     """Mean cross-entropy (nats) of the next token over ids [n, seq] (seq - 1 predictions per row)."""
-    total = 0.0
-    for s in range(0, len(ids), batch):
-        chunk = ids[s:s + batch]
-        logits = model(chunk).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+    total = sum(_next_token_nll(model(ids[s:s + batch]).logits, ids[s:s + batch]) for s in range(0, len(ids), batch))
     return total / (len(ids) * (ids.shape[1] - 1))
 
 
