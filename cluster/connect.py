@@ -7,12 +7,20 @@ with neither, a Ray of this process's own starts with `num_cpus` logical CPUs (N
 whatever else runs on the machine: Ray's own lookup would join the cluster that the last
 `ray start` on this machine recorded (even one since killed) and then refuse num_cpus.
 An already connected driver (a test, a notebook) keeps its connection.
+
+An embedded Ray's worker processes start from Ray's own script, so they do not get the driver's
+cwd (sys.path[0]): a source tree run as `python -m jobs.run spec.yaml` without `pip install` is
+put in front of their PYTHONPATH. (A joined cluster gets the code through `ray job submit`'s
+working_dir.)
 """
 from __future__ import annotations
 
 import logging
 import os
+import site
 import socket
+import sysconfig
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import ray
@@ -66,10 +74,32 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         log.info("joined the Ray cluster at %s", address)
         return f"joined {address}"
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)  # inherited by the embedded cluster's processes
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": "cluster.connect.embedded_worker_setup"})
+    runtime_env = {"worker_process_setup_hook": "cluster.connect.embedded_worker_setup"}
+    pythonpath = worker_pythonpath()
+    if pythonpath is not None:
+        runtime_env["env_vars"] = {"PYTHONPATH": pythonpath}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     log.info("started an embedded Ray with %s CPUs", num_cpus or "all")
     return "embedded"
+
+
+def worker_pythonpath() -> str | None:
+    """PYTHONPATH for an embedded Ray's workers: the folder holding this project's packages, then the
+    driver's PYTHONPATH as it is (which the workers inherit anyway); None where the workers import the
+    project already: the folder is on PYTHONPATH (absolute: a relative entry means the worker's own
+    cwd), or is a site-packages folder (a regular install).
+
+    An editable install maps the packages to this same folder, so adding it changes nothing there.
+    Ray's runtime_env env_vars replace the worker's variable (expanding any $NAME in it), and Ray
+    itself needs no PYTHONPATH: its workers find it through site-packages."""
+    root = Path(__file__).resolve().parents[1]
+    inherited = os.environ.get("PYTHONPATH", "")
+    site_dirs = [*site.getsitepackages(), site.getusersitepackages(),
+                 sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    folders = [*inherited.split(os.pathsep), *site_dirs]
+    if root in {Path(folder).resolve() for folder in folders if os.path.isabs(folder)}:
+        return None
+    return os.pathsep.join([str(root), inherited]) if inherited else str(root)
 
 
 def _errors_only(record: logging.LogRecord) -> bool:

@@ -123,3 +123,67 @@ def test_quiet_loggers_survive_ray_trains_logging_setup(index):
         logger.filters[:], logger.handlers[:], logger.propagate = saved[1], saved[2], saved[3]
         logging.getLogger("ray.train").setLevel(logging.NOTSET)
     assert seen == [logging.ERROR]
+
+
+SOURCE_TREE_TASKS = """
+import ray
+from cluster.connect import connect
+connect(None, 1)
+def where():
+    import cluster
+    return cluster.__file__
+where = ray.remote(max_retries=0)(where)
+print("plain task:", ray.get(where.remote(), timeout=120))
+# an actor or task with env_vars of its own (cluster.placement's CUDA_VISIBLE_DEVICES) keeps the PYTHONPATH
+print("task with env_vars:", ray.get(where.options(runtime_env={"env_vars": {"ZEBRA_PROBE": "1"}}).remote(),
+                                     timeout=120))
+"""
+
+
+@pytest.mark.slow
+def test_embedded_workers_import_a_source_tree_that_is_not_installed(ray_tmpdir, tmp_path):
+    """`python -m jobs.run spec.yaml` from a source tree without `pip install` (a GPU host): the driver imports
+    the project from its cwd, and the embedded Ray's workers, started from Ray's own script, must import it too
+    (the setup hook cluster.connect.embedded_worker_setup first). The child runs in a venv of its own that sees
+    this venv's site-packages through a plain path (.pth) entry, so this project's editable finder is not loaded."""
+    import shutil
+    import sysconfig
+
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "cluster", tree / "cluster", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    site_packages = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site_packages / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env["RAY_TMPDIR"] = str(ray_tmpdir)
+    premise = subprocess.run([python, "-c", "import importlib.util, ray; print(importlib.util.find_spec('cluster'))"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert premise.stdout.strip() == "None", premise.stdout + premise.stderr[-2000:]  # only the tree has it
+
+    done = subprocess.run([python, "-c", SOURCE_TREE_TASKS], cwd=tree, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = dict(line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith(("plain", "task with")))
+    expected = str(tree / "cluster" / "__init__.py")
+    assert seen == {"plain task": expected, "task with env_vars": expected}
+
+
+def test_worker_pythonpath_puts_the_project_first_unless_workers_import_it_already(monkeypatch):
+    """The folder of the project's packages goes in front of the driver's PYTHONPATH, kept as it is (an empty
+    entry means the cwd); nothing changes where the folder is on PYTHONPATH or is a site-packages folder."""
+    import site
+
+    from cluster.connect import worker_pythonpath
+
+    root = str(REPO.resolve())
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert worker_pythonpath() == root
+    monkeypatch.setenv("PYTHONPATH", "/opt/deps::relative")
+    assert worker_pythonpath() == f"{root}:/opt/deps::relative"
+    monkeypatch.setenv("PYTHONPATH", f"/opt/deps:{root}/")
+    assert worker_pythonpath() is None
+    monkeypatch.setenv("PYTHONPATH", "/opt/deps")
+    monkeypatch.setattr(site, "getsitepackages", lambda: ["/usr/lib/python3/dist-packages", root])
+    assert worker_pythonpath() is None
