@@ -2,6 +2,7 @@
 
     check_cluster(spec)                         # after connect: raises PreflightError if the job can never
                                                 # be placed, or if its storage would not outlive it
+    space_problem(folder, {"kd": 2**30}, fix)   # why the estimated writes may not fit on folder's disk, or None
     with watch_pending("ild", timeout_s=300):   # logs what this job's actors and placement groups (and the
         ...                                     # cluster's queued tasks) wait for every 30 s; raises
                                                 # PendingTimeout when this job's have waited timeout_s
@@ -33,6 +34,7 @@ from typing import Callable
 import ray
 
 from cluster.placement import worker_resources
+from cluster.storage import fmt_bytes, free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,17 @@ def storage_problem(uri: str, shared: bool, view: ClusterView) -> str | None:
         return (f"storage.uri {uri!r} is a local path of the node the driver runs on; {where} the workers may "
                 f"not see it; {hint}")
     return None
+
+
+def space_problem(folder: str | Path, need: dict[str, int], fix: str) -> str | None:
+    """Why the writes estimated in `need` ({what: bytes}) may not fit in the free space of folder's
+    filesystem (None: they fit). The caller logs it: an estimate is no reason to refuse a run."""
+    free, total = free_bytes(folder), sum(need.values())
+    if free >= total:
+        return None
+    parts = ", ".join(f"{what} {fmt_bytes(n)}" for what, n in need.items() if n)
+    return (f"{folder} has {fmt_bytes(free)} free, less than the {fmt_bytes(total)} estimated ({parts}); the run may fail "
+            f"with 'No space left on device' when it writes there. To avoid it, {fix}")
 
 
 def check_cluster(spec, include_tune: bool = False) -> ClusterView:

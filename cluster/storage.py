@@ -10,11 +10,16 @@ Keys are '/'-separated paths relative to the run's root; a *prefix* names a fold
 A reader trusts a checkpoint only when its manifest exists and every listed file is present with
 the listed size, so a writer that dies mid-upload leaves a checkpoint `latest_checkpoint` skips.
 One writer per stage (rank 0); any number of readers.
+
+A full disk: a local write that fails with ENOSPC leaves no partial object or folder behind and
+raises StorageFull (explain_disk_full), whose message names the path, the bytes free there now
+and the fix (free space, or storage.uri on a larger disk).
 """
 from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -34,6 +39,43 @@ MANIFEST_SUFFIX = ".done"
 COMPLETE = "COMPLETE.json"
 TMP_PREFIX = ".tmp-"  # local partial writes; never listed
 DEFAULT_KEEP = 3
+SPACE_FIX = ("free space on that disk, or point storage.uri in the job spec at a folder on a larger one (with "
+             "s3:// storage the run's local scratch is under $ZEBRA_CACHE: point that at a larger disk)")
+
+
+class StorageFull(OSError):
+    """A write failed for want of disk space (errno ENOSPC); the message names the path, the bytes free
+    there now and what to change. The OSError it replaces is its __cause__."""
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes this user may still write on the filesystem holding path (or its nearest existing parent)."""
+    folder = Path(path).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes for messages: 2.46 GiB, 12.0 MiB, 512 bytes."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+@contextlib.contextmanager
+def explain_disk_full(path: str | Path, fix: str = SPACE_FIX):
+    """Run the body; an OSError ENOSPC from it becomes StorageFull naming path (what the body writes),
+    the bytes free on its filesystem now, and `fix`. Other errors pass unchanged."""
+    try:
+        yield
+    except StorageFull:
+        raise
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise StorageFull(errno.ENOSPC, f"No space left on device writing {path}: {fmt_bytes(free_bytes(path))} free "
+                                        f"there now; {fix}") from e
 
 
 def open_storage(uri: str, s3_endpoint_url: str | None = None, cache_dir: str | Path | None = None) -> Storage:
@@ -239,12 +281,25 @@ class LocalStorage(Storage):
     def _tmp_sibling(self, path: Path) -> Path:
         return path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        path = self.root / _key(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """A temporary sibling of path to write, moved onto path when the body ends; removed on failure."""
         tmp = self._tmp_sibling(path)
-        tmp.write_bytes(data)
+        try:
+            with explain_disk_full(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                yield tmp
+        except BaseException:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._writing(self.root / _key(key)) as tmp:
+            tmp.write_bytes(data)
 
     def read_bytes(self, key: str) -> bytes:
         path = self.root / _key(key)
@@ -276,14 +331,14 @@ class LocalStorage(Storage):
         shutil.rmtree(self.local_path(prefix), ignore_errors=True)
 
     def upload_dir(self, local_dir: str | Path, key_prefix: str) -> None:
-        _dir_sizes(local_dir)  # names a missing or empty folder
+        files = _dir_sizes(local_dir)  # names a missing or empty folder
         dest = self.root / _key(key_prefix)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp_sibling(dest)
-        shutil.copytree(local_dir, tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        with self._writing(dest) as tmp:
+            for rel in files:  # file by file, not copytree: that turns an ENOSPC into a shutil.Error without errno
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(local_dir) / rel, tmp / rel)
+            if dest.exists():
+                shutil.rmtree(dest)
 
     def download_dir(self, key_prefix: str, local_dir: str | Path) -> Path:
         src = self.fetch_dir(key_prefix)

@@ -14,6 +14,8 @@ output; a later stage that needs an output nothing provides is refused at prefli
 Local storage: the run's folder is the storage root and Ray Train checkpoints go to <root>/_ray.
 S3 storage: stages work in a local scratch folder ($ZEBRA_CACHE/runs/<name>) and upload their
 outputs; an interrupted ILD or KD resumes from checkpoints in that scratch, so on the same machine.
+Before the stages start, a warning is logged when that folder's disk has less free space than the
+checkpoints of the stages left to run are estimated to take (checkpoint_bytes, a low estimate).
 """
 from __future__ import annotations
 
@@ -23,17 +25,20 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
+
+import torch
 
 from cluster.connect import ClusterUnreachable, connect
-from cluster.preflight import PendingTimeout, PreflightError, check_cluster, watch_pending
-from cluster.storage import LocalStorage, Storage, open_storage
+from cluster.preflight import PendingTimeout, PreflightError, check_cluster, space_problem, watch_pending
+from cluster.storage import LocalStorage, Storage, StorageFull, open_storage
 from jobs.context import Context
 from jobs.outputs import (DpoOutput, EvalOutput, ExportOutput, IldOutput, InitOutput, KdOutput, SmartOutput,
                           StageOutput)
 from jobs.spec import STAGES, JobSpec, SpecError, check_against_teacher, check_environment, load_spec
 from jobs.stages import dpo, export, ild, init, kd, smart
 from jobs.stages import eval as evaluation
+from zebra.modeling import ZebraForCausalLM
 from zebra.paths import cache_root
 
 log = logging.getLogger("jobs.run")
@@ -97,6 +102,59 @@ def _enabled(spec: JobSpec, stage: Stage) -> bool:
     return getattr(spec.section(stage.name), "enabled", True)
 
 
+def _done(spec: JobSpec, storage: Storage, stage: Stage) -> bool:
+    """Whether storage holds the stage's COMPLETE marker for its current spec section."""
+    digest = spec.section_hash(stage.name)
+    return storage.is_complete(stage.name) and storage.stage_info(stage.name).get("hash") == digest
+
+
+WEIGHT_BYTES = 2  # per parameter of a checkpoint's weights: bf16, the least they take (float32 runs: 4)
+OPTIMIZER_BYTES = 12  # per trained parameter: DeepSpeed's float32 master copy and Adam's two moments
+
+
+def checkpoint_bytes(spec: JobSpec, teacher_config, stages: Iterable[str]) -> dict[str, int]:
+    """{stage: bytes} of the Ray Train checkpoints each training stage among `stages` keeps, a low estimate:
+    min(storage.keep_checkpoints, the checkpoints it writes) checkpoints, each WEIGHT_BYTES per parameter
+    of its student(s) and OPTIMIZER_BYTES per trained one. ild: both pure students, their mixers trained
+    (with ild.train_mlp_norms, their layers); kd and dpo: the hybrid, all trained, counted as the smaller
+    pure student. Left out, so the real figure is larger: float32 weights (CPU runs), the final checkpoint's
+    float32 state_dict, the copy each worker stages in $TMPDIR, and the models the stages save."""
+    with torch.device("meta"):  # shapes only: no memory, milliseconds
+        pair = ild.StudentPair(*(ZebraForCausalLM(init.student_config(spec, teacher_config, kind))
+                                 for kind in ("mla", "mamba")), spec.ild.train_mlp_norms)
+    pure = min(_numel(pair.mla.parameters()), _numel(pair.mamba.parameters()))
+    ild_trained = _numel(p for p in pair.parameters() if p.requires_grad)
+    sizes = {"ild": (_numel(pair.parameters()), ild_trained), "kd": (pure, pure), "dpo": (pure, pure)}
+    need = {}
+    for name in stages:
+        section = spec.section(name)
+        if name in sizes and section.enabled:
+            params, trained = sizes[name]
+            kept = min(spec.storage.keep_checkpoints, -(-section.total_steps // section.checkpoint_every))
+            need[name] = kept * (WEIGHT_BYTES * params + OPTIMIZER_BYTES * trained)
+    return need
+
+
+def _numel(params: Iterable[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def warn_if_short_of_space(spec: JobSpec, ctx: Context) -> None:
+    """Log a warning when the folder that takes the run's checkpoints (the storage folder; for S3 storage
+    the local scratch) has less free space than checkpoint_bytes estimates for the stages left to run."""
+    from transformers import AutoConfig
+
+    todo = [stage.name for stage in PIPELINE if _enabled(spec, stage) and not _done(spec, ctx.storage, stage)]
+    need = checkpoint_bytes(spec, AutoConfig.from_pretrained(ctx.teacher_dir), todo)
+    if ctx.local_storage:
+        field, fix = f"storage.uri {spec.storage.uri!r}", "free space there or point storage.uri at a larger disk"
+    else:
+        field, fix = "the local scratch of S3 storage", "free space there or point $ZEBRA_CACHE at a larger disk"
+    problem = space_problem(ctx.scratch, {f"{name} checkpoints": n for name, n in need.items()}, fix)
+    if problem:
+        log.warning("preflight: %s: %s", field, problem)
+
+
 def check_inputs(spec: JobSpec, storage: Storage) -> None:
     """Refuse, before any work, an enabled stage that reads the output of a disabled stage for which
     nothing stands in and storage holds no stored output. Raises SpecError naming both sections."""
@@ -129,7 +187,7 @@ def run_stage(spec: JobSpec, ctx: Context, stage: Stage) -> None:
         log.info("stage %s: disabled%s", stage.name, "" if out is None else f"; its output: {out}")
         return
     digest = spec.section_hash(stage.name)
-    if ctx.storage.is_complete(stage.name) and ctx.storage.stage_info(stage.name).get("hash") == digest:
+    if _done(spec, ctx.storage, stage):
         log.info("stage %s: skipping, complete with the same spec (hash %s)", stage.name, digest)
         ctx.outputs[stage.output] = stage.output.from_json(ctx.storage.stage_info(stage.name))
         return
@@ -150,6 +208,7 @@ def run(spec: JobSpec) -> Path:
     teacher_dir, n_mla = preflight(spec)
     ctx = make_context(spec, teacher_dir, n_mla)
     check_inputs(spec, ctx.storage)
+    warn_if_short_of_space(spec, ctx)
     how = connect(spec.cluster.address, spec.cluster.num_cpus)
     log.info("Ray: %s", how)
     check_cluster(spec)
@@ -170,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         report = run(spec)
-    except (SpecError, PreflightError, PendingTimeout, ClusterUnreachable) as e:
+    except (SpecError, PreflightError, PendingTimeout, ClusterUnreachable, StorageFull) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {report}")

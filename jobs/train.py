@@ -14,6 +14,11 @@ checkpoint into one Ray Train checkpoint; a restarted worker group (FailureConfi
 the same run_name loads the latest and continues at its step and data position. The final
 checkpoint also holds the student's full float32 state_dict (STUDENT_STATE_FILE).
 
+A checkpoint is staged in a temporary folder ($TMPDIR) and copied by Ray Train into the run's storage;
+only a copy that completed is recorded (checkpoint_manager_snapshot.json), so a write that fails
+leaves the previous checkpoint the one to resume from. A write that fails for want of space raises
+cluster.storage.StorageFull naming the folder, its free bytes and the fix; distill re-raises it.
+
 A checkpoint counts once Ray Train's controller has committed it (its next poll of the workers,
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a worker lost inside that window restarts from the one before.
 """
@@ -46,6 +51,7 @@ from tqdm import tqdm
 
 from cluster.placement import teacher_cpus_that_fit, worker_resources
 from cluster.preflight import check_shared_storage
+from cluster.storage import StorageFull, explain_disk_full
 from cluster.teacher import TEACHER_MODES, start_teacher
 from jobs.relay import RelayReports
 from zebra.hybrid import held_out_ce, held_out_kl
@@ -57,6 +63,8 @@ STUDENT_STATE_FILE = "student_fp32.pt"
 DS_TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside a Ray Train checkpoint
 FAULT_STEP_ENV = "ZEBRA_FAULT_AT_STEP"  # test hook: the last rank exits at the start of this step ...
 FAULT_MARKER_ENV = "ZEBRA_FAULT_MARKER"  # ... once: it creates this file first and never fires if it exists
+STAGING_FIX = ("free space there, or start Ray with TMPDIR set to a folder on a larger disk (each worker stages its "
+               "checkpoint there before Ray Train copies it into the run's storage)")
 
 Batch = dict[str, Tensor]  # "input_ids" [micro_batch, seq_len] int64, plus whatever the objective reads
 DataFactory = Callable[[int, int, int], Iterable[Batch]]
@@ -196,11 +204,26 @@ def distill(
     follower.start()
     try:
         result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        full = disk_full_cause(e)
+        if full is None:
+            raise
+        raise full from e  # the worker's message, not Ray's traceback of it
     finally:
         stop.set()
         follower.join()
         queue.shutdown()
     return DistillResult(result, history)
+
+
+def disk_full_cause(error: BaseException) -> StorageFull | None:
+    """The StorageFull a training worker raised, if one did; Ray Train hands worker errors to the driver
+    in WorkerGroupError.worker_failures, each wrapped with its traceback (the wrapper's _base_exc)."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        base = getattr(failure, "_base_exc", failure)
+        if isinstance(base, StorageFull):
+            return base
+    return None
 
 
 def _trainer(cfg: TrainConfig, loop_config: dict, storage_path: str, run_name: str, relay: UserCallback):
@@ -281,6 +304,7 @@ class Session:
 
     get_checkpoint() -> the Checkpoint to resume from, or None
     report(metrics, folder)  hands metrics, and a checkpoint folder or None, to Ray Train or Tune
+    storage_dir              the local folder report copies checkpoints into (for a disk-full message), or None
     """
 
     rank: int
@@ -288,16 +312,18 @@ class Session:
     device: torch.device
     get_checkpoint: Callable[[], Checkpoint | None]
     report: Callable[[dict, str | None], None]
+    storage_dir: str | None = None
 
 
 def _train_loop(config: dict) -> None:
     """Ray Train's entry point in each worker."""
     ctx = ray.train.get_context()
+    storage = ctx.get_storage()  # checkpoints go there: every worker must write it and see the others' files
     session = Session(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=_device(config["cfg"].use_gpu),
                       get_checkpoint=ray.train.get_checkpoint,
                       report=lambda metrics, folder: ray.train.report(
-                          metrics, checkpoint=None if folder is None else Checkpoint.from_directory(folder)))
-    storage = ctx.get_storage()  # checkpoints go there: every worker must write it and see the others' files
+                          metrics, checkpoint=None if folder is None else Checkpoint.from_directory(folder)),
+                      storage_dir=storage.experiment_fs_path)
     check_shared_storage(storage.storage_filesystem, storage.experiment_fs_path, session.rank, session.world,
                          dist.barrier)
     train_worker(config, session)
@@ -582,13 +608,15 @@ def _next_batch(batches, cfg: TrainConfig, device) -> Batch:
 
 def _report_checkpoint(engine, metrics: dict, session: Session, final: bool) -> None:
     """Every rank writes its DeepSpeed shards into one checkpoint; at the end rank 0 adds the full
-    float32 state_dict (gathered by all ranks)."""
+    float32 state_dict (gathered by all ranks). A full disk raises StorageFull naming the folder."""
     state = _full_state_dict(engine) if final else None
     with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=DS_TAG, client_state={"step": metrics["step"]})
-        if state is not None and dist.get_rank() == 0:
-            torch.save(state, Path(d) / STUDENT_STATE_FILE)
-        session.report(metrics, d)
+        with explain_disk_full(d, STAGING_FIX):
+            engine.save_checkpoint(d, tag=DS_TAG, client_state={"step": metrics["step"]})
+            if state is not None and dist.get_rank() == 0:
+                torch.save(state, Path(d) / STUDENT_STATE_FILE)
+        with explain_disk_full(session.storage_dir) if session.storage_dir else contextlib.nullcontext():
+            session.report(metrics, d)
 
 
 def _full_state_dict(engine) -> dict[str, Tensor]:

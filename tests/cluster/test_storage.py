@@ -1,14 +1,19 @@
-"""Storage on a local folder and on a real S3 server (moto, on loopback): objects, folders, checkpoints, markers."""
+"""Storage on a local folder and on a real S3 server (moto, on loopback): objects, folders, checkpoints, markers;
+a local disk that fills mid-write."""
+import collections
+import errno
 import logging
 import os
 import pickle
+import shutil
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from cluster.storage import open_storage
+from cluster.storage import TMP_PREFIX, StorageFull, explain_disk_full, open_storage
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -175,3 +180,65 @@ def test_unknown_scheme_and_file_uri(tmp_path):
     store = open_storage(f"file://{tmp_path}/run")
     store.write_bytes("x/y", b"1")
     assert (tmp_path / "run" / "x" / "y").read_bytes() == b"1" and store.local_path("x/y") == tmp_path / "run/x/y"
+
+
+Usage = collections.namedtuple("Usage", "total used free")  # what shutil.disk_usage returns
+
+
+def _fill_disk_after(monkeypatch, name: str, nbytes: int, free: int) -> None:
+    """shutil.<name> (copyfile or the like: (src, dst, ...)) writes nbytes of src, then fails as a full disk
+    does; shutil.disk_usage then reports `free` bytes."""
+    def full(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:nbytes])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(shutil, name, full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30 - free, free))
+
+
+def _partials(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(TMP_PREFIX)]
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_complete_one(tmp_path, monkeypatch):
+    storage = open_storage(str(tmp_path / "run"))
+    storage.save_checkpoint("kd", 1, _checkpoint(tmp_path, 1)[0])
+    _fill_disk_after(monkeypatch, "copyfile", nbytes=100, free=3 * 2**20)
+    with pytest.raises(StorageFull) as caught:
+        storage.save_checkpoint("kd", 2, _checkpoint(tmp_path, 2)[0])
+    message = str(caught.value)
+    assert str(tmp_path / "run" / "kd" / "ckpt" / "00000002") in message, message
+    assert "3.0 MiB free" in message and "storage.uri" in message, message
+    assert caught.value.errno == errno.ENOSPC and caught.value.__cause__.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert _partials(tmp_path / "run") == []  # the half-copied folder is gone
+    step, path = storage.latest_checkpoint("kd")
+    assert step == 1 and _read_tree(path) == _read_tree(tmp_path / "src1")
+
+
+def test_a_full_disk_leaves_the_old_object_whole(tmp_path, monkeypatch):
+    storage = open_storage(str(tmp_path / "run"))
+    storage.write_bytes("kd/COMPLETE.json", b'{"old": 1}')
+    real = Path.write_bytes
+
+    def full(self, data):
+        real(self, data[:3])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(2**30, 2**30, 0))
+    with pytest.raises(StorageFull, match=r"writing .*kd/COMPLETE.json: 0 bytes free there now; free space"):
+        storage.mark_complete("kd", {"new": 2})
+    monkeypatch.undo()
+    assert storage.stage_info("kd") == {"old": 1} and _partials(tmp_path / "run") == []
+
+
+def test_only_enospc_is_explained(tmp_path):
+    with pytest.raises(PermissionError) as caught:
+        with explain_disk_full(tmp_path):
+            raise PermissionError(errno.EACCES, "denied")
+    assert type(caught.value) is PermissionError
+    with pytest.raises(StorageFull, match="Errno 28.*set TMPDIR") as caught:  # errno kept; a caller's fix
+        with explain_disk_full(tmp_path / "not" / "yet", "set TMPDIR"):
+            raise OSError(errno.ENOSPC, "Error writing bytes to file")
+    assert str(tmp_path / "not" / "yet") in str(caught.value)

@@ -6,6 +6,7 @@ The slow tests do what a user does: `ray start --head --num-cpus 1`, then `ray j
 -m jobs.run SPEC` (the cluster helpers of test_submit.py: 127.0.0.1, a temp dir, ports and a token of
 its own, stopped at teardown).
 """
+import collections
 import os
 import re
 import shutil
@@ -26,7 +27,8 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cluster.placement import teacher_cpus_that_fit
 from cluster.preflight import (INTERRUPT_SIGNAL, ClusterView, PendingTimeout, PreflightError, check_cluster,
-                               check_shared_storage, job_needs, storage_problem, unplaceable, watch_pending)
+                               check_shared_storage, job_needs, space_problem, storage_problem, unplaceable,
+                               watch_pending)
 from jobs.spec import load_spec
 from tests.jobs.conftest import spec_dict
 from tests.jobs.test_submit import REPO, auth_header, head_node, submit
@@ -93,6 +95,20 @@ def test_storage_that_would_not_outlive_a_job_is_refused(uri, shared, view, refu
         assert problem is None
     else:
         assert refused in problem and "s3://" in problem and "storage.shared: true" in problem, problem
+
+
+Usage = collections.namedtuple("Usage", "total used free")  # what shutil.disk_usage returns
+
+
+def test_space_problem_names_folder_free_space_estimate_and_fix(tmp_path, monkeypatch):
+    free = 3 * 2**30
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(8 * 2**30, 5 * 2**30, free))
+    need = {"ild checkpoints": 2**30, "kd checkpoints": 2**31 + 2**29, "dpo checkpoints": 0}
+    problem = space_problem(tmp_path / "not-yet-made", need, "point storage.uri at a larger disk")
+    assert problem == (f"{tmp_path / 'not-yet-made'} has 3.00 GiB free, less than the 3.50 GiB estimated "
+                       "(ild checkpoints 1.00 GiB, kd checkpoints 2.50 GiB); the run may fail with 'No space left "
+                       "on device' when it writes there. To avoid it, point storage.uri at a larger disk")
+    assert space_problem(tmp_path, {"kd checkpoints": free}, "x") is None
 
 
 def test_teacher_cpus_shrink_to_what_the_workers_leave():
