@@ -7,6 +7,8 @@ One process, one batch shape, one device. Rows:
   (d) the SSD scan alone, forward + backward: our Triton kernel, the PyTorch reference, mamba_ssm's
       mamba_chunk_scan_combined where it imports
   (e) the Mamba2 gated RMSNorm alone, forward + backward: kernels.norm's Triton kernel and its reference
+      (and one layer's ILD loss, zebra.losses.ild_loss: kernels.token_l2's Triton kernels against the float32
+      PyTorch formula)
   (f) kd_hybrid: a KD step as the KD stage takes it (jobs.train.kd_objective): the teacher of (a)'s shape
       (bf16 weights on CUDA, cluster.teacher.LocalTeacher.logits), then the hybrid student (kernel path on
       CUDA) forward, zebra.losses.kd_loss (full vocab by default), backward and fused AdamW (float32 weights,
@@ -77,7 +79,7 @@ from benchmarks.mamba_ssm_ssd import chunk_scan_combined  # noqa: E402
 from kernels.norm import gated_rms_norm  # noqa: E402
 from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
-from zebra.losses import kd_loss  # noqa: E402
+from zebra.losses import ild_loss, kd_loss  # noqa: E402
 from zebra.modeling import ZebraForCausalLM  # noqa: E402
 
 log = logging.getLogger("benchmarks.train_step")
@@ -585,6 +587,18 @@ def bench_norm(backend: str, shape, steps: int, warmup: int, device, dtype) -> d
     return dict(ms=time_ms(call, steps, warmup, device))
 
 
+def bench_ild_loss(backend: str, shape, steps: int, warmup: int, device, dtype) -> dict:
+    """Forward + backward of one layer's ILD loss (zebra.losses.ild_loss: layer and mixer output, [b, l, h * p],
+    dtype) -> ms per call; the ILD step makes 60 such calls (30 layers x 2 students)."""
+    b, l, h, p, _ = shape
+    student = [torch.randn(b, l, h * p, device=device).to(dtype).requires_grad_() for _ in range(2)]
+    teacher = [torch.randn(b, l, h * p, device=device).to(dtype) for _ in range(2)]
+
+    def call():
+        ild_loss(student[0], teacher[0], student[1], teacher[1], backend=backend).backward()
+    return dict(ms=time_ms(call, steps, warmup, device))
+
+
 def time_ms(call, steps: int, warmup: int, device) -> float:
     """Milliseconds per call() over `steps` calls after `warmup` untimed ones."""
     for i in range(warmup + steps):
@@ -616,7 +630,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"--profile-steps={args.profile_steps}: expected >= 1")
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", batch=args.batch,
                    seq=args.seq, chunk_size=args.chunk_size, compile=args.compile, peak_flops=args.peak_flops,
-                   torch=torch.__version__, train_step={}, ssd_scan={}, gated_rms_norm={})
+                   torch=torch.__version__, train_step={}, ssd_scan={}, gated_rms_norm={}, ild_loss={})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = (2, 32, 2, 16, 16) if args.tiny else (args.batch, args.seq, 9, 64, 64)
     for name, fn in scan_functions().items():  # first: a CUDA error in a model step ends the process's CUDA use
@@ -624,6 +638,8 @@ def main(argv=None) -> dict:
             fn, shape, args.chunk_size, args.steps, args.warmup, device, dtype))
     for backend in ("triton", "torch"):
         results["gated_rms_norm"][backend] = run_or_skip(f"gated_rms_norm {backend}", lambda b=backend: bench_norm(
+            b, shape, args.steps, args.warmup, device, dtype))
+        results["ild_loss"][backend] = run_or_skip(f"ild_loss {backend}", lambda b=backend: bench_ild_loss(
             b, shape, args.steps, args.warmup, device, dtype))
     profile_steps = args.profile_steps if args.profile else 0
     for name, build in build_models(args.tiny, args.chunk_size).items():
@@ -723,7 +739,8 @@ def table(results: dict) -> str:
         rows.append(f"{name:<{w}}{r['step_s']:>9.3f}{r['tokens_per_s']:>12,.0f}{ratio:>10}{peak:>10}"
                     f"{r['mfu'] * 100:>6.1f}%{attn:>6.1f}%")
     for key, title in (("ssd_scan", f"SSD scan forward + backward (chunk {results['chunk_size']})"),
-                       ("gated_rms_norm", "gated RMSNorm forward + backward")):
+                       ("gated_rms_norm", "gated RMSNorm forward + backward"),
+                       ("ild_loss", "ILD loss of one layer (layer + mixer output) forward + backward")):
         rows += [title, f"{'path':<16}{'ms':>9}{'x triton':>10}"]
         ours = results[key].get("triton", {}).get("ms")
         for name, r in results[key].items():

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from kernels import kd_loss as kd_kernel
+from kernels import token_l2 as l2_kernel
 from kernels.dispatch import use_kernel
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def ild_loss(
     teacher_out: Tensor,
     student_mixer: Tensor | None = None,
     teacher_mixer: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """The official Zebra-Llama ILD loss of one layer: token mean of ||student_out - teacher_out||_2
     plus, when given, the token mean of ||student_mixer - teacher_mixer||_2.
@@ -247,17 +249,29 @@ def ild_loss(
 
     The norm over d_model is not squared: a token's loss grows linearly with its error, so a few
     outlier tokens do not dominate the batch as they do under the mean squared error.
+
+    backend: "auto" runs kernels.token_l2's Triton kernels on CUDA (no float32 copy of the inputs) and the
+    float32 PyTorch formula elsewhere; "triton" insists on the kernels; "torch" the formula.
     """
-    loss = _token_l2(student_out, teacher_out, "out")
+    loss = _token_l2(student_out, teacher_out, "out", backend)
     if (student_mixer is None) != (teacher_mixer is None):
         raise ValueError("ild_loss: give both student_mixer and teacher_mixer, or neither")
     if student_mixer is not None:
-        loss = loss + _token_l2(student_mixer, teacher_mixer, "mixer")
+        loss = loss + _token_l2(student_mixer, teacher_mixer, "mixer", backend)
     return loss
 
 
-def _token_l2(student: Tensor, teacher: Tensor, what: str) -> Tensor:
+ILD_BACKENDS = ("auto", "triton", "torch")
+
+
+def _token_l2(student: Tensor, teacher: Tensor, what: str, backend: str) -> Tensor:
+    """The token mean of ||student - teacher||_2 over the last dim; the dispatch point of kernels.token_l2."""
     if student.shape != teacher.shape:
         raise ValueError(f"ild_loss: student_{what} shape {tuple(student.shape)} != "
                          f"teacher_{what} {tuple(teacher.shape)}")
-    return torch.linalg.vector_norm(student.float() - teacher.float(), dim=-1).mean()
+    if backend not in ILD_BACKENDS:
+        raise ValueError(f"ild_loss: backend must be one of {ILD_BACKENDS}, got {backend!r}")
+    reason = "backend='torch'" if backend == "torch" else l2_kernel.unsupported(student, teacher, backend)
+    if use_kernel(log, "ild_loss", "kernels.token_l2.token_l2_triton", reason, backend):
+        return l2_kernel.token_l2_triton(student, teacher).mean()
+    return l2_kernel.token_l2_ref(student, teacher).mean()

@@ -1,5 +1,5 @@
 """The eager path of the Triton kernels (kernels._eager.op_or_impl): in eager mode the gated RMSNorm, the RMSNorm,
-the causal conv1d and the SSD scan call their launchers directly, not through their torch.library custom ops (which
+the causal conv1d, the SSD scan and the ILD loss's per-token L2 distance call their launchers directly, not through their torch.library custom ops (which
 cost host time per call), and give bit-identical outputs and input gradients to the op path, forced here by making
 torch.compiler.is_compiling() return True as it does under torch.compile. Fresh random inputs, CPU under
 TRITON_INTERPRET=1. That torch.compile(fullgraph=True) keeps the ops whole: tests/zebra/test_compile.py and
@@ -16,6 +16,7 @@ if not torch.cuda.is_available():  # read when the kernels are decorated, so bef
 from kernels.conv1d import causal_conv1d_triton  # noqa: E402
 from kernels.norm import gated_rms_norm_triton, rms_norm_triton  # noqa: E402
 from kernels.ssd_scan import ssd_scan_triton  # noqa: E402
+from kernels.token_l2 import token_l2_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -71,6 +72,12 @@ def test_rms_norm_eager_path_equals_op_path(monkeypatch):
     x, weight = leaves(torch.randn(3, 7, 40).bfloat16(), 1 + 0.3 * torch.randn(40))
     assert_paths_identical(lambda x, w: (rms_norm_triton(x, w, 1e-5),), [x, weight],
                            ["rms_norm_fwd", "rms_norm_bwd"], monkeypatch)
+
+
+def test_token_l2_eager_path_equals_op_path(monkeypatch):
+    student, teacher = leaves(torch.randn(3, 9, 40).bfloat16(), torch.randn(3, 9, 40).bfloat16())
+    assert_paths_identical(lambda s, t: (token_l2_triton(s, t),), [student, teacher],
+                           ["token_l2_fwd", "token_l2_bwd"], monkeypatch)
 
 
 def test_causal_conv1d_eager_path_equals_op_path(monkeypatch):
