@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
 #   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
-#       serving (the mla3 export against the default teacher), the KD step's profile, GPU tests, decode at 16k
+#       serving (the mla3 export against the default teacher), the KD step's profile, GPU tests, decode at 16k;
+#       also `kernels` (the kernels' GPU parity tests) and `jobs` (tests/jobs' GPU tests, 200 s a test)
 # A run that died resumes where it stopped (stored stage outputs, checkpoints): `start` again.
 set -uo pipefail
 Q=/tmp/quality
@@ -104,13 +105,15 @@ bench)
         | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
     kernels) timeout ${T_KERNELS:-240} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
         tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py \
-        tests/kernels/test_ssd_scan.py 2>&1 | tail -14 ;;
+        tests/kernels/test_ssd_scan.py tests/kernels/test_token_l2.py 2>&1 | tail -14 ;;
+    jobs) timeout ${T_JOBS:-450} python -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short --timeout 200 tests/jobs \
+        2>&1 | grep -v -i "warn" | tail -${JOBS_LINES:-60} ;;  # the GPU tests of the stages (pytest-timeout: the image's)
     tests) timeout ${T_TESTS:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/serve/test_engine.py \
         tests/zebra/test_varlen_prefill.py tests/zebra/test_decode.py tests/test_benchmarks_train_step.py 2>&1 | tail -8 ;;
     decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
         --repeats 2 --kernel-batch 64 --max-batch-cap ${DECODE_CAP:-1024} --out "$OUT/decode.json" 2>&1 \
         | grep "^|\|GB/s" | tail -8 ;;
-    *) echo "bench: unknown part $part (kernels, serve, kd, tests, decode)"; exit 2 ;;
+    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, tests, decode)"; exit 2 ;;
     esac; done ;;
-*) echo "usage: $0 start|stop|poll [seconds]|collect|bench [kernels serve kd tests decode]"; exit 2 ;;
+*) echo "usage: $0 start|stop|poll [seconds]|collect|bench [kernels jobs serve kd tests decode]"; exit 2 ;;
 esac
