@@ -63,19 +63,36 @@ def fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
+NEARLY_FULL = 64 * 2**20  # free bytes below which a write error without an errno is put down to the disk
+
+
 @contextlib.contextmanager
 def explain_disk_full(path: str | Path, fix: str = SPACE_FIX):
     """Run the body; an OSError ENOSPC from it becomes StorageFull naming path (what the body writes),
-    the bytes free on its filesystem now, and `fix`. Other errors pass unchanged."""
+    the bytes free on its filesystem now, and `fix`. So does a RuntimeError while less than NEARLY_FULL
+    bytes are free there: torch.save (DeepSpeed's checkpoint shards) reports a full disk without an errno
+    ("[enforce fail at inline_container.cc] ... unexpected pos", "PytorchStreamWriter failed writing file").
+    Other errors pass unchanged."""
     try:
         yield
     except StorageFull:
         raise
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except (OSError, RuntimeError) as e:
+        enospc = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        if not enospc and (isinstance(e, OSError) or _free_or_none(path) >= NEARLY_FULL):
             raise
-        raise StorageFull(errno.ENOSPC, f"No space left on device writing {path}: {fmt_bytes(free_bytes(path))} free "
-                                        f"there now; {fix}") from e
+        free = fmt_bytes(free_bytes(path))
+        what = "" if enospc else f" ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        raise StorageFull(errno.ENOSPC, f"No space left on device writing {path}{what}: {free} free there now; "
+                                        f"{fix}") from e
+
+
+def _free_or_none(path: str | Path) -> float:
+    """free_bytes(path), or infinity where the filesystem cannot say (the error then stands as it is)."""
+    try:
+        return free_bytes(path)
+    except OSError:
+        return float("inf")
 
 
 def open_storage(uri: str, s3_endpoint_url: str | None = None, cache_dir: str | Path | None = None) -> Storage:

@@ -242,3 +242,24 @@ def test_only_enospc_is_explained(tmp_path):
         with explain_disk_full(tmp_path / "not" / "yet", "set TMPDIR"):
             raise OSError(errno.ENOSPC, "Error writing bytes to file")
     assert str(tmp_path / "not" / "yet") in str(caught.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("free, explained", [(0, True), (20 * 2**30, False)])
+def test_torch_save_on_a_full_disk_is_explained_though_it_has_no_errno(tmp_path, monkeypatch, free, explained):
+    """torch.save (DeepSpeed's checkpoint shards) into /dev/full, which fails every write with ENOSPC, raises a
+    RuntimeError without an errno: StorageFull when the disk has almost no free bytes, the error itself when it
+    has plenty (then the cause is something else)."""
+    import torch
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("U", "total used free")(
+        30 * 2**30, 30 * 2**30 - free, free))
+    with pytest.raises(RuntimeError if not explained else StorageFull) as caught:
+        with explain_disk_full(tmp_path / "ckpt", "set TMPDIR"):
+            torch.save({"w": torch.zeros(1 << 16)}, "/dev/full")
+    if explained:
+        message = str(caught.value)
+        assert f"writing {tmp_path / 'ckpt'} (RuntimeError: " in message and "0 bytes free there now; set TMPDIR" in message
+        assert isinstance(caught.value.__cause__, RuntimeError) and caught.value.errno == errno.ENOSPC
+    else:
+        assert type(caught.value) is RuntimeError
