@@ -8,7 +8,7 @@ One process, one batch shape, one device. Rows:
       mamba_chunk_scan_combined where it imports
   (e) the Mamba2 gated RMSNorm alone, forward + backward: kernels.norm's Triton kernel and its reference
       (and one layer's ILD loss, zebra.losses.ild_loss: kernels.token_l2's Triton kernels against the float32
-      PyTorch formula)
+      PyTorch formula; and one MLA layer's forward + backward with kernels.mla_rope's kernel against PyTorch's ops)
   (f) kd_hybrid: a KD step as the KD stage takes it (jobs.train.kd_objective): the teacher of (a)'s shape
       (bf16 weights on CUDA, cluster.teacher.LocalTeacher.logits), then the hybrid student (kernel path on
       CUDA) forward, zebra.losses.kd_loss (full vocab by default), backward and fused AdamW (float32 weights,
@@ -80,6 +80,7 @@ from kernels.norm import gated_rms_norm  # noqa: E402
 from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
 from zebra.losses import ild_loss, kd_loss  # noqa: E402
+from zebra.mla import MLAttention  # noqa: E402
 from zebra.modeling import ZebraForCausalLM  # noqa: E402
 
 log = logging.getLogger("benchmarks.train_step")
@@ -599,6 +600,25 @@ def bench_ild_loss(backend: str, shape, steps: int, warmup: int, device, dtype) 
     return dict(ms=time_ms(call, steps, warmup, device))
 
 
+def bench_mla_layer(backend: str, tiny: bool, batch: int, seq: int, steps: int, warmup: int, device) -> dict:
+    """Forward + backward of one MLA layer (zebra.mla.MLAttention of the hybrid's shape, float32 weights, bf16
+    autocast on CUDA) on a fresh causal pass -> ms per call: backend "triton" builds its attention inputs with
+    kernels.mla_rope, "torch" with the PyTorch ops (RoPE, cats, views)."""
+    llama = LlamaConfig(**(TINY if tiny else SMOLLM2))
+    rank, rope = (32, 16) if tiny else (128, 32)
+    config = hybrid_config(llama, [0], kv_rank=rank, qk_rope_dim=rope, mamba_backend=backend)
+    layer = MLAttention(config, 0).to(device)
+    x = torch.randn(batch, seq, llama.hidden_size, device=device, requires_grad=True)
+    pos = torch.arange(seq, device=device).expand(batch, seq)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def call():
+        with autocast:
+            out = layer(x, pos)
+        out.float().sum().backward()
+    return dict(ms=time_ms(call, steps, warmup, device))
+
+
 def time_ms(call, steps: int, warmup: int, device) -> float:
     """Milliseconds per call() over `steps` calls after `warmup` untimed ones."""
     for i in range(warmup + steps):
@@ -630,7 +650,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"--profile-steps={args.profile_steps}: expected >= 1")
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", batch=args.batch,
                    seq=args.seq, chunk_size=args.chunk_size, compile=args.compile, peak_flops=args.peak_flops,
-                   torch=torch.__version__, train_step={}, ssd_scan={}, gated_rms_norm={}, ild_loss={})
+                   torch=torch.__version__, train_step={}, ssd_scan={}, gated_rms_norm={}, ild_loss={}, mla_layer={})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = (2, 32, 2, 16, 16) if args.tiny else (args.batch, args.seq, 9, 64, 64)
     for name, fn in scan_functions().items():  # first: a CUDA error in a model step ends the process's CUDA use
@@ -641,6 +661,8 @@ def main(argv=None) -> dict:
             b, shape, args.steps, args.warmup, device, dtype))
         results["ild_loss"][backend] = run_or_skip(f"ild_loss {backend}", lambda b=backend: bench_ild_loss(
             b, shape, args.steps, args.warmup, device, dtype))
+        results["mla_layer"][backend] = run_or_skip(f"mla_layer {backend}", lambda b=backend: bench_mla_layer(
+            b, args.tiny, args.batch, args.seq, args.steps, args.warmup, device))
     profile_steps = args.profile_steps if args.profile else 0
     for name, build in build_models(args.tiny, args.chunk_size).items():
         if args.models and name not in args.models:
@@ -740,7 +762,8 @@ def table(results: dict) -> str:
                     f"{r['mfu'] * 100:>6.1f}%{attn:>6.1f}%")
     for key, title in (("ssd_scan", f"SSD scan forward + backward (chunk {results['chunk_size']})"),
                        ("gated_rms_norm", "gated RMSNorm forward + backward"),
-                       ("ild_loss", "ILD loss of one layer (layer + mixer output) forward + backward")):
+                       ("ild_loss", "ILD loss of one layer (layer + mixer output) forward + backward"),
+                       ("mla_layer", "one MLA layer forward + backward (triton: kernels.mla_rope's inputs)")):
         rows += [title, f"{'path':<16}{'ms':>9}{'x triton':>10}"]
         ours = results[key].get("triton", {}).get("ms")
         for name, r in results[key].items():

@@ -20,16 +20,21 @@ overwritten by the conversion, because each layer keeps its own frequencies.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import mla_rope
 from kernels.decode import mla_decode
+from kernels.dispatch import use_kernel
 
 from .cache import ZebraCache, new_token_mask
 from .config import ZebraConfig
 from .rope import mla_frequencies
 
+log = logging.getLogger(__name__)
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0):
     """cos, sin [batch, seq, 2 * P] in float32 for position_ids [batch, seq] and inv_freq [P] float32;
@@ -95,6 +100,8 @@ class MLAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_dim, config.qk_rope_dim, config.v_head_dim
         self.scale = config.attn_scale
         self.absorb = config.mla_absorb
+        # kernels.mla_rope on the training path: "cuda" (mamba_ssm's kernels for Mamba2) means the Triton one here
+        self.backend = "auto" if config.mamba_backend == "cuda" else config.mamba_backend
         inv_freq, self.rope_scaling = mla_frequencies(config)
         # A constant, not a buffer: from_pretrained leaves non-persistent buffers uninitialised.
         self.rope_inv_freq = tuple(inv_freq.tolist())
@@ -124,10 +131,13 @@ class MLAttention(nn.Module):
         and attends to the row's history plus the causal part of the new tokens. attention_mask: 0/1 padding
         mask (left padding), [batch, new] without a cache, one column per cache position with one; or None.
         """
-        q_nope, q_pe = self._query(hidden_states)
+        q = self._q_proj(hidden_states)
         latent, k_pe = self.kv_a_proj(hidden_states).split([self.kv_rank, self.rope_dim], dim=-1)
         inv_freq = self._inv_freq_on(position_ids.device)
         cos, sin = rope_cos_sin(position_ids, inv_freq[self.rope_freq_idx], self.rope_scaling)
+        if cache is None and attention_mask is None and self._fused_inputs(q, k_pe):
+            return self.o_proj(self._fused_attention(q, latent, k_pe, cos, sin))
+        q_nope, q_pe = self._split_heads(q, hidden_states.shape[:2])
         cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
         k_pe = apply_rope(k_pe, cos, sin)
@@ -162,9 +172,34 @@ class MLAttention(nn.Module):
 
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [batch, new, d_model] -> q_nope [batch, heads, new, nope], q_pe [batch, heads, new, rope] (unrotated)."""
-        q = self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_proj(x))
-        q = q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        return self._split_heads(self._q_proj(x), x.shape[:2])
+
+    def _q_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """x [batch, new, d_model] -> the query projection [batch, new, heads * (nope + rope)]."""
+        return self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_proj(x))
+
+    def _split_heads(self, q: torch.Tensor, batch_new) -> tuple[torch.Tensor, torch.Tensor]:
+        q = q.view(*batch_new, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         return q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+    def _fused_inputs(self, q: torch.Tensor, k_pe: torch.Tensor) -> bool:
+        """Whether a fresh causal pass (training, a prefill without cache) takes kernels.mla_rope's kernel: RoPE and
+        the assembly of Q, K and V in one pass each way (the dispatch point; logged once). Never under
+        torch.compile, which fuses the PyTorch path's ops itself (and would trace into the autograd Function)."""
+        if torch.compiler.is_compiling():
+            return False
+        reason = "backend='torch'" if self.backend == "torch" else mla_rope.unsupported(q, k_pe, self.backend)
+        return use_kernel(log, "mla_qkv", "kernels.mla_rope.mla_qkv_triton", reason, self.backend)
+
+    def _fused_attention(self, q, latent, k_pe, cos, sin) -> torch.Tensor:
+        """naive_attention's result for a fresh causal pass, its inputs built by kernels.mla_rope: q the query
+        projection [b, t, heads * (nope + rope)] (unrotated), latent [b, t, kv_rank], k_pe [b, t, rope] (unrotated),
+        cos, sin [b, t, rope] float32 -> [b, t, heads * v]."""
+        (b, t), heads = q.shape[:2], self.num_heads
+        big_q, big_k, big_v = mla_rope.mla_qkv_triton(q, self.kv_b_proj(latent), k_pe, cos, sin, heads,
+                                                     self.nope_dim, self.v_dim)
+        out = F.scaled_dot_product_attention(big_q, big_k, big_v, is_causal=True, scale=self.scale)
+        return out.transpose(1, 2).reshape(b, t, heads * self.v_dim)
 
     def naive_attention(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """Decompress K/V from the latent and run SDPA.
