@@ -105,7 +105,7 @@ bench)
         | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
     kernels) timeout ${T_KERNELS:-240} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
         tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py \
-        tests/kernels/test_ssd_scan.py tests/kernels/test_token_l2.py 2>&1 | tail -14 ;;
+        tests/kernels/test_ssd_scan.py tests/kernels/test_token_l2.py tests/kernels/test_mla_rope.py 2>&1 | tail -14 ;;
     jobs) timeout ${T_JOBS:-450} python -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short --timeout 200 tests/jobs \
         2>&1 | grep -v -i "warn" | tail -${JOBS_LINES:-60} ;;  # the GPU tests of the stages (pytest-timeout: the image's)
     tests) timeout ${T_TESTS:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/serve/test_engine.py \
