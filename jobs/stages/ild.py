@@ -33,9 +33,12 @@ class StudentPair(nn.Module):
     """The pure-MLA and pure-Mamba2 students side by side; their mixers are trainable (with
     train_mlp_norms, the decoder layers' MLPs and norms too)."""
 
-    def __init__(self, mla: str | nn.Module, mamba: str | nn.Module, train_mlp_norms: bool = False):
-        """mla, mamba: each a student's folder (zebra.hybrid.load_student) or the model itself."""
+    def __init__(self, mla: str | nn.Module, mamba: str | nn.Module, train_mlp_norms: bool = False,
+                 loss_backend: str = "auto"):
+        """mla, mamba: each a student's folder (zebra.hybrid.load_student) or the model itself; loss_backend:
+        zebra.losses.ild_loss's (IldSpec.loss_backend)."""
         super().__init__()
+        self.loss_backend = loss_backend
         self.mla, self.mamba = (m if isinstance(m, nn.Module) else load_student(m) for m in (mla, mamba))
         for name, p in self.named_parameters():
             p.requires_grad_(".layers." in name and (".mixer." in name or train_mlp_norms))
@@ -55,7 +58,7 @@ class StudentPair(nn.Module):
             total = 0
             for i, layer in enumerate(student.model.layers):
                 out, mixed = _layer_and_mixer(layer, hidden[i], pos)
-                total = total + ild_loss(out, hidden[i + 1], mixed, mixers[i])
+                total = total + ild_loss(out, hidden[i + 1], mixed, mixers[i], backend=self.loss_backend)
             losses[kind] = total
         return losses
 
@@ -99,7 +102,7 @@ def held_out_ild(pair: StudentPair, teacher: LocalTeacher, ids: Tensor, batch: i
 
 def run(spec: JobSpec, ctx: Context) -> IldOutput:
     init_dirs = [ctx.model_dir(f"init/{kind}") for kind in ("mla", "mamba")]
-    factory = functools.partial(StudentPair, *init_dirs, spec.ild.train_mlp_norms)
+    factory = functools.partial(StudentPair, *init_dirs, spec.ild.train_mlp_norms, spec.ild.loss_backend)
     teacher_factory = functools.partial(load_teacher_model, ctx.teacher_dir, spec.teacher.dtype)
     _, held = sequences(spec, ctx, spec.ild.seq_len)
     held = torch.from_numpy(held)

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from cluster.teacher import LocalTeacher, _map_tensors
 from jobs.context import batches
+from jobs.spec import SpecError, load_spec
 from jobs.stages.ild import ILD_OBJECTIVE, StudentPair, held_out_ild
 from jobs.train import STUDENT_STATE_FILE, Session, TrainConfig, train_worker
 from tests.conftest import save_perturbed_students
@@ -64,6 +65,27 @@ def test_ild_objective_matches_float64_official_loss(teacher_dir, students):  # 
             assert expected > 1e-2
             torch.testing.assert_close(got[kind].double(), expected, rtol=2e-4, atol=1e-6)
     torch.testing.assert_close(pair((hidden, attn)), sum(got.values()))
+
+
+def test_loss_backends_agree_and_stay_outside_the_stage_hash(teacher_dir, students):  # noqa: F811
+    """ild.loss_backend "triton" (kernels.token_l2; TRITON_INTERPRET on a CPU) and "torch" give the same losses and
+    student gradients; the field does not change the ILD section's hash (a resumed run keeps its stage)."""
+    teacher = _teacher(teacher_dir)
+    ids = torch.randint(0, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+    targets = teacher.hidden_states(ids, mixers=True)
+    results = []
+    for backend in ("triton", "torch"):
+        pair = StudentPair(*copy.deepcopy(students), loss_backend=backend)
+        loss = pair(targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in pair.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    hashes = {load_spec({"ild": {"loss_backend": b}}).section_hash("ild") for b in ("auto", "triton", "torch")}
+    assert len(hashes) == 1
+    with pytest.raises(SpecError, match="ild.loss_backend"):
+        load_spec({"ild": {"loss_backend": "fast"}})
 
 
 @pytest.mark.parametrize("train_mlp_norms", [False, True])
