@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._layout import unit_stride_rows as _rows
 from kernels.dispatch import device_reason
 
 IGNORE_INDEX = -100  # zebra.losses.IGNORE_INDEX (kernels/ does not import zebra/)
@@ -77,11 +78,6 @@ def _kd_kernel(zs_ptr, zt_ptr, tgt_ptr, grad_ptr, kl_ptr, ce_ptr, V, s_zs, s_zt,
                 g += (tl.exp(zs - lse_s) - tl.where(idx == target, 1.0, 0.0)) * ce_row_scale
             tl.store(grad_ptr + row * s_grad + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(kl_ptr + row, tl.sum(kl, axis=0))
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t [n, V] with unit stride along V (a copy only when t lacks it); any row stride is kept."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None) -> None:

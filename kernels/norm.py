@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 from kernels._eager import eager_twin
+from kernels._layout import row_blocks
+from kernels._layout import unit_stride_rows as _rows
 from kernels.dispatch import device_reason, use_kernel
 
 log = logging.getLogger(__name__)
@@ -104,11 +106,6 @@ def _bwd_kernel(dout_ptr, y_ptr, z_ptr, w_ptr, rstd_ptr, dy_ptr, dz_ptr, dw_part
 # -- launchers as custom ops ----------------------------------------------------------------------
 def _grid(m: int, groups: int) -> tuple[int, int]:
     return groups, triton.cdiv(m, ROW_STEPS * BLOCK_M)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t [m, dim] with unit stride along dim (a copy only when t lacks it)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _fwd_impl(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
@@ -229,7 +226,6 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
 # The kernels read x once and write y once; the backward reads x, dy and rstd [m] (float32) and writes dx and
 # one float32 partial sum of dweight per program. The cast of the normalised x is treated as the identity in dx
 # (as a straight-through rounding), so dx equals the reference's up to rounding.
-RMS_TILE = 4096  # elements per [rows, BLOCK_N] tile: BLOCK_N = next_power_of_2(dim), rows = RMS_TILE // BLOCK_N
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -282,19 +278,13 @@ def _rms_bwd_kernel(dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, N,
     tl.store(dw_part_ptr + pid * N + cols, tl.sum(dw, axis=0), mask=mask_c)
 
 
-def _rms_blocks(dim: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the tiles for rows of `dim` elements."""
-    block_n = triton.next_power_of_2(dim)
-    return max(1, min(32, RMS_TILE // block_n)), block_n
-
-
 def _rms_fwd_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [m, dim] (rows of any stride), weight [dim] -> out [m, dim] in promote_types(x, weight), rstd [m]
     float32."""
     (m, dim), x = x.shape, _rows(x)
     out = torch.empty(m, dim, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-    block_m, block_n = _rms_blocks(dim)
+    block_m, block_n = row_blocks(dim)
     _rms_fwd_kernel[(triton.cdiv(m, block_m),)](x, weight, out, rstd, m, dim, x.stride(0), out.stride(0), eps,
                                                 BLOCK_M=block_m, BLOCK_N=block_n)
     return out, rstd
@@ -315,7 +305,7 @@ def _rms_bwd_impl(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     forward's rstd [m]."""
     (m, dim), dout, x = x.shape, _rows(dout), _rows(x)
     dx = torch.empty(m, dim, device=x.device, dtype=x.dtype)
-    block_m, block_n = _rms_blocks(dim)
+    block_m, block_n = row_blocks(dim)
     programs = triton.cdiv(m, ROW_STEPS * block_m)
     dw_part = torch.empty(programs, dim, device=x.device, dtype=torch.float32)
     _rms_bwd_kernel[(programs,)](dout, x, weight, rstd, dx, dw_part, m, dim, dout.stride(0), x.stride(0),

@@ -24,10 +24,11 @@ import triton
 import triton.language as tl
 
 from kernels._eager import eager_twin
+from kernels._layout import row_blocks
+from kernels._layout import unit_stride_rows as _rows
 from kernels.dispatch import device_reason
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TILE = 4096  # elements per [BLOCK_M, BLOCK_N] tile
 MAX_DIM = 16384  # one row in one tile (d_model of Llama-family models up to 70B is 8192)
 
 
@@ -67,21 +68,11 @@ def _bwd_kernel(dnorm_ptr, s_ptr, t_ptr, inv_ptr, ds_ptr, M, N, s_s, s_t, s_ds,
              mask=mask)
 
 
-def _blocks(dim: int) -> tuple[int, int]:
-    block_n = triton.next_power_of_2(dim)
-    return max(1, min(32, TILE // block_n)), block_n
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t [m, dim] with unit stride along dim (a copy only when the rows are not)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _fwd_impl(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """student, teacher [m, dim] -> norm [m], inv [m] (1 / norm, 0 where norm == 0: the backward's), float32."""
     (m, dim), s, t = student.shape, _rows(student), _rows(teacher)
     norm, inv = (torch.empty(m, device=s.device, dtype=torch.float32) for _ in range(2))
-    block_m, block_n = _blocks(dim)
+    block_m, block_n = row_blocks(dim)
     _fwd_kernel[(triton.cdiv(m, block_m),)](s, t, norm, inv, m, dim, s.stride(0), t.stride(0),
                                             BLOCK_M=block_m, BLOCK_N=block_n)
     return norm, inv
@@ -100,7 +91,7 @@ def _bwd_impl(dnorm: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
     """dstudent [m, dim] in student's dtype, given dnorm [m] and the forward's inv [m]."""
     (m, dim), s, t = student.shape, _rows(student), _rows(teacher)
     ds = torch.empty(m, dim, device=s.device, dtype=s.dtype)
-    block_m, block_n = _blocks(dim)
+    block_m, block_n = row_blocks(dim)
     _bwd_kernel[(triton.cdiv(m, block_m),)](dnorm.float().contiguous(), s, t, inv, ds, m, dim, s.stride(0),
                                             t.stride(0), ds.stride(0), BLOCK_M=block_m, BLOCK_N=block_n)
     return ds
