@@ -77,17 +77,22 @@ def explain_disk_full(path: str | Path, fix: str = SPACE_FIX):
         yield
     except StorageFull:
         raise
-    except (OSError, RuntimeError) as e:
-        enospc = isinstance(e, OSError) and e.errno == errno.ENOSPC
-        if not enospc and (isinstance(e, OSError) or _free_or_none(path) >= NEARLY_FULL):
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
             raise
-        free = fmt_bytes(free_bytes(path))
-        what = "" if enospc else f" ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-        raise StorageFull(errno.ENOSPC, f"No space left on device writing {path}{what}: {free} free there now; "
-                                        f"{fix}") from e
+        raise _storage_full(path, "", fix) from e
+    except RuntimeError as e:  # torch.save's full disk: no errno, so the free space decides
+        if _free_or_inf(path) >= NEARLY_FULL:
+            raise
+        raise _storage_full(path, f" ({type(e).__name__}: {str(e).splitlines()[0][:160]})", fix) from e
 
 
-def _free_or_none(path: str | Path) -> float:
+def _storage_full(path: str | Path, what: str, fix: str) -> StorageFull:
+    return StorageFull(errno.ENOSPC, f"No space left on device writing {path}{what}: {fmt_bytes(free_bytes(path))} "
+                                     f"free there now; {fix}")
+
+
+def _free_or_inf(path: str | Path) -> float:
     """free_bytes(path), or infinity where the filesystem cannot say (the error then stands as it is)."""
     try:
         return free_bytes(path)
