@@ -170,15 +170,13 @@ class MLAttention(nn.Module):
         # history and the step is short (decode), never on a fresh prefill.
         return self.absorb and total > new and new <= self.kv_rank
 
-    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [batch, new, d_model] -> q_nope [batch, heads, new, nope], q_pe [batch, heads, new, rope] (unrotated)."""
-        return self._split_heads(self._q_proj(x), x.shape[:2])
-
     def _q_proj(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, new, d_model] -> the query projection [batch, new, heads * (nope + rope)]."""
         return self.q_proj(x) if self.q_rank is None else self.q_b_proj(self.q_a_proj(x))
 
     def _split_heads(self, q: torch.Tensor, batch_new) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query projection [batch, new, heads * (nope + rope)] -> q_nope [batch, heads, new, nope], q_pe
+        [batch, heads, new, rope] (unrotated views); batch_new: (batch, new)."""
         q = q.view(*batch_new, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
         return q.split([self.nope_dim, self.rope_dim], dim=-1)
 

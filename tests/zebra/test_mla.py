@@ -120,7 +120,7 @@ def test_naive_equals_absorbed(padded):
     padding = torch.tensor([[1] * 7, [0] * 3 + [1] * 4]) if padded else None
     mask = attention_mask_4d(padding, 7, 7, x.device)
     with torch.no_grad():
-        q_nope, q_pe = mla._query(x)
+        q_nope, q_pe = mla._split_heads(mla._q_proj(x), x.shape[:2])
         latent, k_pe = mla.kv_a_proj(x).split([12, 8], dim=-1)
         naive = mla.naive_attention(q_nope, q_pe, latent, k_pe, mask)
         absorbed = mla.absorbed_attention(q_nope, q_pe, latent, k_pe, mask)
