@@ -20,11 +20,12 @@ import argparse
 import contextlib
 import json
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.train_step import time_ms
 
 log = logging.getLogger("benchmarks.attention")
 
@@ -57,14 +58,7 @@ def time_row(args, qk: int, v: int, pad_v_to: int | None, backend: str | None, d
     ctx = sdpa_kernel([BACKENDS[backend]]) if backend else contextlib.nullcontext()
     try:
         with ctx:
-            for _ in range(args.warmup):
-                step(q, k, v_real, pad, scale)
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                step(q, k, v_real, pad, scale)
-            sync(device)
-            ms = (time.perf_counter() - start) / args.iters * 1e3
+            ms = time_ms(lambda: step(q, k, v_real, pad, scale), args.iters, args.warmup, device)
             kernels = launched_kernels(q, k, v_real, pad, scale) if device.type == "cuda" else []
     except RuntimeError as err:  # the backend refuses these shapes
         return {"ms": None, "error": str(err).splitlines()[0][:160]}
@@ -80,11 +74,6 @@ def launched_kernels(q, k, v_real, pad, scale) -> list[str]:
     names = {e.name for e in prof.events() if e.device_type.name == "CUDA"}
     keys = ("flash", "fmha", "cudnn", "attention", "efficient", "sdpa", "bmm", "gemm", "softmax")
     return sorted(n[:90] for n in names if any(key in n.lower() for key in keys))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(args) -> dict:
