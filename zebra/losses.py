@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 1024  # tokens per chunk of the KD loss: ~200 MB per float32 [chunk, 49152] temporary
-BACKENDS = ("auto", "triton", "torch")  # kd_loss's full-vocabulary path: kernels.kd_loss or the chunked loop
+BACKENDS = ("auto", "triton", "torch")  # kd_loss's (kernels.kd_loss or the chunked loop) and ild_loss's (kernels.token_l2)
 
 
 @dataclass(frozen=True)
@@ -261,16 +261,13 @@ def ild_loss(
     return loss
 
 
-ILD_BACKENDS = ("auto", "triton", "torch")
-
-
 def _token_l2(student: Tensor, teacher: Tensor, what: str, backend: str) -> Tensor:
     """The token mean of ||student - teacher||_2 over the last dim; the dispatch point of kernels.token_l2."""
     if student.shape != teacher.shape:
         raise ValueError(f"ild_loss: student_{what} shape {tuple(student.shape)} != "
                          f"teacher_{what} {tuple(teacher.shape)}")
-    if backend not in ILD_BACKENDS:
-        raise ValueError(f"ild_loss: backend must be one of {ILD_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"ild_loss: backend must be one of {BACKENDS}, got {backend!r}")
     reason = "backend='torch'" if backend == "torch" else l2_kernel.unsupported(student, teacher, backend)
     if use_kernel(log, "ild_loss", "kernels.token_l2.token_l2_triton", reason, backend):
         return l2_kernel.token_l2_triton(student, teacher).mean()
