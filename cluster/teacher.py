@@ -79,10 +79,15 @@ class TeacherActor:
         self._teacher = LocalTeacher(factory, device)
 
     def hidden_states(self, input_ids: Tensor, mixers: bool = False):
-        return _map_tensors(_share, self._teacher.hidden_states(input_ids, mixers))
+        return self._ship(self._teacher.hidden_states(input_ids, mixers))
 
     def logits(self, input_ids: Tensor, top_k: int | None = None, temperature: float = 1.0):
-        return _map_tensors(_share, self._teacher.logits(input_ids, top_k, temperature))
+        return self._ship(self._teacher.logits(input_ids, top_k, temperature))
+
+    def _ship(self, out):
+        if self._teacher.device.type == "cuda":
+            torch.cuda.ipc_collect()  # free earlier outputs the worker has released (once a call: ILD ships 61)
+        return _map_tensors(_share, out)
 
     def gpu_uuid(self) -> str | None:
         return self._teacher.gpu_uuid()
@@ -128,10 +133,7 @@ class _CudaHandle:
 
 
 def _share(t: Tensor):
-    if not t.is_cuda:
-        return t
-    torch.cuda.ipc_collect()  # free earlier outputs the worker has released
-    return _CudaHandle(reduce_tensor(t))
+    return _CudaHandle(reduce_tensor(t)) if t.is_cuda else t
 
 
 def _open(x, device: torch.device) -> Tensor:
