@@ -34,6 +34,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -52,7 +53,7 @@ from tqdm import tqdm
 from cluster.placement import teacher_cpus_that_fit, worker_resources
 from cluster.preflight import check_shared_storage
 from cluster.storage import StorageFull, explain_disk_full
-from cluster.teacher import TEACHER_MODES, start_teacher
+from cluster.teacher import TEACHER_MODES, RemoteTeacher, start_teacher
 from jobs.relay import RelayReports
 from zebra.hybrid import held_out_ce, held_out_kl
 from zebra.losses import kd_loss
@@ -341,11 +342,12 @@ def train_worker(config: dict, session: Session) -> None:
     engine = _engine(cfg, config["student_factory"](), world)
     done = _resume(engine, session.get_checkpoint())
     batches = iter(config["data_factory"](rank, world, done * cfg.grad_accum))
+    targets = TargetsAhead(batches, teacher, config["objective"], cfg, device, (cfg.total_steps - done) * cfg.grad_accum)
     held_out = _HeldOut(config.get("held_out"), teacher, device)
     window = _Window()
     for step in range(done + 1, cfg.total_steps + 1):
         _maybe_fault(step, rank, world, cfg.checkpoint_every)
-        window.add(_optimizer_step(engine, teacher, config["objective"], batches, cfg, device))
+        window.add(_optimizer_step(engine, config["objective"], targets, cfg, device))
         checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
         if not (checkpoint or step % cfg.log_every == 0):
             continue
@@ -358,6 +360,7 @@ def train_worker(config: dict, session: Session) -> None:
         else:
             session.report(metrics, None)
         window.restart()  # the held-out figures and the checkpoint are no step's time
+    targets.close()
 
 
 class _HeldOut:
@@ -577,19 +580,87 @@ def _resume(engine, checkpoint: Checkpoint | None) -> int:
     return client_state["step"]
 
 
-def _optimizer_step(engine, teacher, objective: Objective, batches, cfg: TrainConfig, device) -> Tensor:
+def _optimizer_step(engine, objective: Objective, targets: TargetsAhead, cfg: TrainConfig, device) -> Tensor:
     """grad_accum micro-batches forward/backward and one optimizer step; the loss averaged over ranks, a
     float32 scalar on the device (read at the report: _Window)."""
     total = torch.zeros((), device=device)
     for _ in range(cfg.grad_accum):
-        batch = _next_batch(batches, cfg, device)
-        targets = objective.teacher_targets(teacher, batch)
-        loss = objective.loss(engine, targets, batch)
+        batch, teacher_targets = targets.next()
+        loss = objective.loss(engine, teacher_targets, batch)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
         total += loss.detach().float()
     dist.all_reduce(total)
     return total / (cfg.grad_accum * dist.get_world_size())
+
+
+class TargetsAhead:
+    """This worker's micro-batches on its device, each with its teacher targets (objective.teacher_targets).
+
+    With the teacher in this process, each is asked for when it is taken. With a teacher actor, the request for
+    the next micro-batch is sent before this one is handed back, from a thread: the actor computes it while
+    this process queues the student's kernels for this one, where a blocking request held the host until the
+    teacher was done and the GPU then waited for the step's first kernels. On a GPU the thread works on a CUDA
+    stream of its own, so that its copies (the batch to the device, its ids to the host for the actor) wait
+    for nothing the student queued; the student's stream waits for that stream before using what it made.
+    The micro-batches and their targets are the same, in the same order, either way; none is asked for beyond
+    the `count` this worker takes.
+    """
+
+    def __init__(self, batches, teacher, objective: Objective, cfg: TrainConfig, device: torch.device, count: int):
+        self.batches, self.teacher, self.objective, self.cfg, self.device = batches, teacher, objective, cfg, device
+        self.count, self.left = count, count  # micro-batches in all, not yet asked for
+        self.ahead = isinstance(teacher, RemoteTeacher)
+        self.stream = torch.cuda.Stream(device) if self.ahead and device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="teacher-ahead") if self.ahead else None
+        self.pending: Future | None = None
+
+    def next(self) -> tuple[Batch, Any]:
+        """(micro-batch, its teacher targets); raises RuntimeError when the data runs out."""
+        if not self.ahead:
+            return self._fetch()
+        pending = self.pending or self._ask()
+        if pending is None:
+            raise RuntimeError(f"TargetsAhead: all {self.count} micro-batches were taken")
+        self.pending = self._ask()  # the next one's request goes out now
+        batch, targets = pending.result()
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for t in _tensors((batch, targets)):
+                t.record_stream(current)  # memory the thread's stream allocated, used on this one
+        return batch, targets
+
+    def close(self) -> None:
+        """Wait for a request still out (there is none once all `count` were taken) and stop the thread."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def _ask(self) -> Future | None:
+        if self.left == 0:
+            return None
+        self.left -= 1
+        return self.pool.submit(self._fetch)
+
+    def _fetch(self) -> tuple[Batch, Any]:
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            batch = _next_batch(self.batches, self.cfg, self.device)
+            return batch, self.objective.teacher_targets(self.teacher, batch)
+
+
+def _tensors(tree) -> Iterable[Tensor]:
+    """The tensors of nested lists, tuples, dicts and dataclasses (TopKLogprobs)."""
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        for field in dataclasses.fields(tree):
+            yield from _tensors(getattr(tree, field.name))
 
 
 def _next_batch(batches, cfg: TrainConfig, device) -> Batch:

@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.teacher import LocalTeacher, start_teacher
-from jobs.train import TrainConfig, distill, kd_objective
+from jobs.train import TargetsAhead, TrainConfig, distill, kd_objective
 from zebra.losses import TopKLogprobs, kd_loss
 
 # The factories below live in this test module, which Ray workers cannot import by name.
@@ -97,6 +97,50 @@ def test_teacher_actor_matches_local_teacher():
     assert isinstance(top, TopKLogprobs) and top.temperature == 2.0
     torch.testing.assert_close(top.logprobs, local_top.logprobs)
     assert torch.equal(top.indices, local_top.indices)
+
+
+@ray.remote(num_cpus=0.5)
+def targets_ahead_run(count: int):
+    """In a worker-like task: TargetsAhead over a teacher actor; after each micro-batch is handed back, how many
+    the data iterator had given, and every (ids, logits) pair; then one take too many."""
+    drawn = []
+
+    def batches():
+        for i, batch in enumerate(random_tokens(0, 1, 0, seed=3)):
+            drawn.append(i)
+            yield batch
+
+    teacher = start_teacher(teacher_factory, "actor", torch.device("cpu"), num_cpus=0.5)
+    cfg = config(workers=1)
+    ahead = TargetsAhead(batches(), teacher, kd_objective(), cfg, torch.device("cpu"), count)
+    taken, drawn_after = [], []
+    for _ in range(count):
+        batch, logits = ahead.next()
+        ahead.pending and ahead.pending.result()  # the request for the next one, sent before this returned
+        drawn_after.append(len(drawn))
+        taken.append((batch["input_ids"], logits))
+    try:
+        ahead.next()
+        overrun = None
+    except RuntimeError as e:
+        overrun = str(e)
+    ahead.close()
+    return taken, drawn_after, len(drawn), overrun
+
+
+@pytest.mark.slow
+def test_targets_ahead_asks_the_actor_one_micro_batch_early():
+    """With a teacher actor the next micro-batch's request is out before this one is handed back; the pairs are
+    the plain iterator's micro-batches with the teacher's own logits, in order, and none beyond count is drawn."""
+    count = 4
+    taken, drawn_after, drawn, overrun = ray.get(targets_ahead_run.remote(count))
+    assert drawn_after == [2, 3, 4, 4]  # one ahead, and nothing past the last
+    assert drawn == count
+    assert overrun is not None and str(count) in overrun
+    local = LocalTeacher(teacher_factory)
+    for (ids, logits), want in zip(taken, random_tokens(0, 1, 0, seed=3)):
+        assert torch.equal(ids, want["input_ids"])
+        torch.testing.assert_close(logits, local.logits(ids))
 
 
 @pytest.mark.slow
