@@ -208,8 +208,8 @@ class IldSpec(TrainSettings):
     tokens: PosInt = 2_000_000
     lr: PosFloat = 2e-4  # the official ILD configs
     train_mlp_norms: bool = False  # also train the students' MLPs and norms (default: only the mixers)
-    # the per-token L2 loss: "auto" the Triton kernels on GPUs (kernels.token_l2), else the float32 PyTorch
-    # formula; "torch" always the formula (same arithmetic; not part of the stage's identity)
+    # the per-token L2 loss: "auto" and "torch" the float32 PyTorch formula (on an H200 faster than the kernels),
+    # "triton" kernels.token_l2's Triton kernels (same arithmetic; not part of the stage's identity)
     loss_backend: Literal["auto", "triton", "torch"] = "auto"
 
     HASH_EXCLUDE: ClassVar[frozenset[str]] = TrainSettings.HASH_EXCLUDE | {"loss_backend"}

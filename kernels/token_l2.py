@@ -10,7 +10,10 @@ backward makes three more float32 tensors of that size and casts the gradient ba
 float32 per call. The ILD step calls it 120 times (30 layers x 2 students x layer and mixer output); on an H200
 these copies and elementwise kernels were ~15% of the step's device time (notes/GPU.md, session 8). The kernels
 read both inputs once in the forward (writing one float per row) and once in the backward (writing the gradient
-in the student's dtype): 2 + 3 passes of the inputs' dtype.
+in the student's dtype): 2 + 3 passes of the inputs' dtype. Measured on an H200 (notes/GPU.md, session 9) they
+are nonetheless slower than the formula: one layer's forward + backward at 16 x 2048 took 1.09-1.35 ms against
+0.93-0.98 ms, so zebra.losses.ild_loss uses them only when asked (backend "triton"); `python -m
+benchmarks.train_step`'s `ild_loss` row times both.
 
 Layers as kernels/norm.py (STYLE.md): launchers `_fwd_impl` / `_bwd_impl` registered as torch.library custom ops
 (torch.compile keeps them whole) with their autograd formula, and `_TokenL2`, their eager twin

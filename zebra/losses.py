@@ -250,8 +250,9 @@ def ild_loss(
     The norm over d_model is not squared: a token's loss grows linearly with its error, so a few
     outlier tokens do not dominate the batch as they do under the mean squared error.
 
-    backend: "auto" runs kernels.token_l2's Triton kernels on CUDA (no float32 copy of the inputs) and the
-    float32 PyTorch formula elsewhere; "triton" insists on the kernels; "torch" the formula.
+    backend: "auto" and "torch" run the float32 PyTorch formula; "triton" insists on kernels.token_l2's Triton
+    kernels (no float32 copy of the inputs). "auto" does not pick the kernels: on an H200 they took 1.09-1.35 ms
+    for one layer's forward + backward at 16 x 2048, the formula 0.93-0.98 ms (notes/GPU.md, session 9).
     """
     loss = _token_l2(student_out, teacher_out, "out", backend)
     if (student_mixer is None) != (teacher_mixer is None):
@@ -268,7 +269,8 @@ def _token_l2(student: Tensor, teacher: Tensor, what: str, backend: str) -> Tens
                          f"teacher_{what} {tuple(teacher.shape)}")
     if backend not in BACKENDS:
         raise ValueError(f"ild_loss: backend must be one of {BACKENDS}, got {backend!r}")
-    reason = "backend='torch'" if backend == "torch" else l2_kernel.unsupported(student, teacher, backend)
+    reason = (f"backend={backend!r}: the formula measured faster than the kernels" if backend in ("auto", "torch")
+              else l2_kernel.unsupported(student, teacher, backend))
     if use_kernel(log, "ild_loss", "kernels.token_l2.token_l2_triton", reason, backend):
         return l2_kernel.token_l2_triton(student, teacher).mean()
     return l2_kernel.token_l2_ref(student, teacher).mean()

@@ -2,7 +2,7 @@
 the norms and the gradients of both inputs on fresh random inputs (a row with zero distance included, rows that
 are strided slices, dims a power of two or not); on a CPU under TRITON_INTERPRET=1 (float32), on the GPU (`gpu`)
 at SmolLM2's ILD shape in bfloat16 and float32. Also: opcheck of the custom ops, the eager twin equal to the ops,
-and zebra.losses.ild_loss's dispatch (kernel == formula; "auto" keeps the formula off CUDA)."""
+and zebra.losses.ild_loss's dispatch (kernel == formula; "auto" is the formula)."""
 import os
 
 import pytest
@@ -81,7 +81,7 @@ def test_custom_ops_pass_opcheck():
 
 def test_ild_loss_dispatch():
     """The kernel ("triton") and the formula ("torch") give the same loss and student gradient; "auto" is the
-    formula off CUDA; errors name the bad backend and a kernel that cannot run."""
+    formula (on CUDA too: it measured faster); errors name the bad backend and a kernel that cannot run."""
     student, teacher, _ = inputs((2, 33), 40, torch.float32)
     mixer_s, mixer_t, _ = inputs((2, 33), 40, torch.float32)
     results = {}
