@@ -107,7 +107,7 @@ bench)
         tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py \
         tests/kernels/test_ssd_scan.py tests/kernels/test_token_l2.py tests/kernels/test_mla_rope.py 2>&1 | tail -14 ;;
     jobs) timeout ${T_JOBS:-450} python -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short --timeout 200 tests/jobs \
-        2>&1 | grep -v -i "warn" | tail -${JOBS_LINES:-60} ;;  # the GPU tests of the stages (pytest-timeout: the image's)
+        2>&1 | grep -v -E "Warning:|warnings\.warn\(" | tail -${JOBS_LINES:-60} ;;  # the GPU tests of the stages (pytest-timeout: the image's); the filter keeps pytest's "N passed, M warnings" line
     tests) timeout ${T_TESTS:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/serve/test_engine.py \
         tests/zebra/test_varlen_prefill.py tests/zebra/test_decode.py tests/test_benchmarks_train_step.py 2>&1 | tail -8 ;;
     decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
