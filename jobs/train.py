@@ -342,25 +342,28 @@ def train_worker(config: dict, session: Session) -> None:
     engine = _engine(cfg, config["student_factory"](), world)
     done = _resume(engine, session.get_checkpoint())
     batches = iter(config["data_factory"](rank, world, done * cfg.grad_accum))
-    targets = TargetsAhead(batches, teacher, config["objective"], cfg, device, (cfg.total_steps - done) * cfg.grad_accum)
+    left = (cfg.total_steps - done) * cfg.grad_accum  # micro-batches this worker still takes
+    targets = TargetsAhead(batches, teacher, config["objective"], cfg, device, left)
     held_out = _HeldOut(config.get("held_out"), teacher, device)
     window = _Window()
-    for step in range(done + 1, cfg.total_steps + 1):
-        _maybe_fault(step, rank, world, cfg.checkpoint_every)
-        window.add(_optimizer_step(engine, config["objective"], targets, cfg, device))
-        checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
-        if not (checkpoint or step % cfg.log_every == 0):
-            continue
-        metrics = {**window.flush(step, cfg, engine.get_lr()[0], resumed_from=done), **held_out.metrics(engine)}
-        if rank == 0:
-            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, cfg.total_steps, metrics["loss"],
-                     metrics["lr"], metrics["tokens_per_s"])
-        if checkpoint:
-            _report_checkpoint(engine, metrics, session, final=step == cfg.total_steps)
-        else:
-            session.report(metrics, None)
-        window.restart()  # the held-out figures and the checkpoint are no step's time
-    targets.close()
+    try:  # a failed step leaves no request of the thread running on
+        for step in range(done + 1, cfg.total_steps + 1):
+            _maybe_fault(step, rank, world, cfg.checkpoint_every)
+            window.add(_optimizer_step(engine, config["objective"], targets, cfg, device))
+            checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
+            if not (checkpoint or step % cfg.log_every == 0):
+                continue
+            metrics = {**window.flush(step, cfg, engine.get_lr()[0], resumed_from=done), **held_out.metrics(engine)}
+            if rank == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, cfg.total_steps, metrics["loss"],
+                         metrics["lr"], metrics["tokens_per_s"])
+            if checkpoint:
+                _report_checkpoint(engine, metrics, session, final=step == cfg.total_steps)
+            else:
+                session.report(metrics, None)
+            window.restart()  # the held-out figures and the checkpoint are no step's time
+    finally:
+        targets.close()
 
 
 class _HeldOut:
@@ -632,9 +635,10 @@ class TargetsAhead:
         return batch, targets
 
     def close(self) -> None:
-        """Wait for a request still out (there is none once all `count` were taken) and stop the thread."""
+        """Stop the thread: a request not yet started is dropped, one under way is waited for (there is none
+        once all `count` were taken)."""
         if self.pool is not None:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _ask(self) -> Future | None:
         if self.left == 0:
