@@ -369,7 +369,7 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
 
     import jobs.train
     from cluster.teacher import LocalTeacher
-    from jobs.train import TrainConfig, _engine, _next_batch, _optimizer_step, kd_objective
+    from jobs.train import TargetsAhead, TrainConfig, _engine, _next_batch, _optimizer_step, kd_objective
 
     cuda = device.type == "cuda"
     cfg = TrainConfig(workers=1, use_gpu=cuda, zero_stage=zero_stage, micro_batch=kd.batch, seq_len=kd.seq,
@@ -386,8 +386,10 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
+        targets = TargetsAhead(batches, teacher, objective, cfg, device, cfg.total_steps)  # in-process: none ahead
+
         def step():
-            return _optimizer_step(engine, teacher, objective, batches, cfg, device)
+            return _optimizer_step(engine, objective, targets, cfg, device)
 
         def split_step(timer):  # _optimizer_step's body (grad_accum 1) with _kd_targets and _kd_loss opened up
             with timer("teacher_forward"):
@@ -446,7 +448,7 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
     profiled."""
     from cluster.teacher import LocalTeacher
     from jobs.stages.ild import ILD_OBJECTIVE
-    from jobs.train import TrainConfig, _engine, _next_batch, _optimizer_step
+    from jobs.train import TargetsAhead, TrainConfig, _engine, _next_batch, _optimizer_step
 
     cuda = device.type == "cuda"
     cfg = TrainConfig(workers=1, use_gpu=cuda, zero_stage=zero_stage, micro_batch=kd.batch, seq_len=kd.seq,
@@ -459,8 +461,10 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
+        targets = TargetsAhead(batches, teacher, ILD_OBJECTIVE, cfg, device, cfg.total_steps)  # in-process: none ahead
+
         def step():
-            return _optimizer_step(engine, teacher, ILD_OBJECTIVE, batches, cfg, device)
+            return _optimizer_step(engine, ILD_OBJECTIVE, targets, cfg, device)
 
         def split_step(timer):  # _optimizer_step's body (grad_accum 1), opened up
             with timer("teacher_forward"):
