@@ -87,7 +87,7 @@ class TeacherActor:
     def _ship(self, out):
         if self._teacher.device.type == "cuda":
             torch.cuda.ipc_collect()  # free earlier outputs the worker has released (once a call: ILD ships 61)
-        return _map_tensors(_share, out)
+        return map_tensors(_share, out)
 
     def gpu_uuid(self) -> str | None:
         return self._teacher.gpu_uuid()
@@ -111,7 +111,7 @@ class RemoteTeacher:
         return self._open(ray.get(self.actor.logits.remote(input_ids.cpu(), top_k, temperature)))
 
     def _open(self, shipped):
-        return _map_tensors(lambda x: _open(x, self.device), shipped)
+        return map_tensors(lambda x: _open(x, self.device), shipped)
 
 
 def start_teacher(factory: TeacherFactory, mode: TeacherMode, device: torch.device, num_cpus: float):
@@ -154,10 +154,10 @@ def _attention(layer: nn.Module, index: int) -> nn.Module:
     return attn
 
 
-def _map_tensors(fn, out):
+def map_tensors(fn, out):
     """Apply fn to each tensor of a teacher output: a tensor, a list or tuple of them (nested), or TopKLogprobs."""
     if isinstance(out, (list, tuple)):
-        return type(out)(_map_tensors(fn, t) for t in out)
+        return type(out)(map_tensors(fn, t) for t in out)
     if isinstance(out, TopKLogprobs):
         return dataclasses.replace(out, logprobs=fn(out.logprobs), indices=fn(out.indices))
     return fn(out)

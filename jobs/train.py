@@ -53,7 +53,7 @@ from tqdm import tqdm
 from cluster.placement import teacher_cpus_that_fit, worker_resources
 from cluster.preflight import check_shared_storage
 from cluster.storage import StorageFull, explain_disk_full
-from cluster.teacher import TEACHER_MODES, RemoteTeacher, start_teacher
+from cluster.teacher import TEACHER_MODES, RemoteTeacher, map_tensors, start_teacher
 from jobs.relay import RelayReports
 from zebra.hybrid import held_out_ce, held_out_kl
 from zebra.losses import kd_loss
@@ -630,7 +630,9 @@ class TargetsAhead:
         if self.stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(self.stream)
-            for t in _tensors((batch, targets)):
+            used = list(batch.values())
+            map_tensors(used.append, targets)  # each tensor of the teacher's output, whatever its nesting
+            for t in used:
                 t.record_stream(current)  # memory the thread's stream allocated, used on this one
         return batch, targets
 
@@ -650,21 +652,6 @@ class TargetsAhead:
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             batch = _next_batch(self.batches, self.cfg, self.device)
             return batch, self.objective.teacher_targets(self.teacher, batch)
-
-
-def _tensors(tree) -> Iterable[Tensor]:
-    """The tensors of nested lists, tuples, dicts and dataclasses (TopKLogprobs)."""
-    if isinstance(tree, Tensor):
-        yield tree
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            yield from _tensors(item)
-    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        for field in dataclasses.fields(tree):
-            yield from _tensors(getattr(tree, field.name))
 
 
 def _next_batch(batches, cfg: TrainConfig, device) -> Batch:

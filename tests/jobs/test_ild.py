@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cluster.teacher import LocalTeacher, _map_tensors
+from cluster.teacher import LocalTeacher, map_tensors
 from jobs.context import batches
 from jobs.spec import SpecError, load_spec
 from jobs.stages.ild import ILD_OBJECTIVE, StudentPair, held_out_ild
@@ -101,10 +101,10 @@ def test_trainable_parts_and_one_group_per_student(students, train_mlp_norms):
         sum(p.numel() for p in getattr(pair, k).parameters() if p.requires_grad) for k in ("mla", "mamba")]
 
 
-def test_map_tensors_reaches_nested_outputs():
+def testmap_tensors_reaches_nested_outputs():
     """The actor ships (hidden, mixers) as a tuple of lists: every tensor in it goes through fn."""
     a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 2.0)
-    hidden, attn = _map_tensors(lambda t: t + 1, ([a, b], [c]))
+    hidden, attn = map_tensors(lambda t: t + 1, ([a, b], [c]))
     assert [t.tolist() for t in hidden] == [[2.0, 2.0], [1.0, 1.0, 1.0]] and attn[0].tolist() == [3.0]
 
 
