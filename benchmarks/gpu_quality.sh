@@ -12,6 +12,7 @@
 #                                            # new SPEC_SET values then reruns only the stages whose sections
 #                                            # changed (e.g. stop at "stage kd: start", restart with kd.tokens)
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
+#   bash benchmarks/gpu_quality.sh wait [S]  # until every started run has exited (or S seconds, default 540), then poll
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
 #   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
 #       serving (the mla3 export against the default teacher), the KD step's profile, GPU tests, decode at 16k;
@@ -66,7 +67,9 @@ PY
         2gpu) spec=jobs/examples/smollm2-prose-2gpu.yaml; devices=$(seq -s, 0 $((gpus - 1))) ;;
         *) echo "start: unknown run $name (mla3, mla2, 2gpu)"; exit 2 ;;
         esac
-        CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$spec" >> $Q/$name.log 2>&1 < /dev/null &
+        # each start its own log (poll and wait read the newest); the earlier ones stay beside it for collect
+        [ -s $Q/$name.log ] && mv $Q/$name.log $Q/$name.$(date +%Y%m%d-%H%M%S).log
+        CUDA_VISIBLE_DEVICES=$devices PYTHONUNBUFFERED=1 setsid nohup python -m jobs.run "$spec" > $Q/$name.log 2>&1 < /dev/null &
         echo $! > $Q/$name.pid; echo "$name on GPU $devices: pid $!"; gpu=$((gpu + 1))
     done ;;
 stop)
@@ -77,6 +80,14 @@ stop)
     for f in $Q/*.pid; do [ -e "$f" ] && kill -9 -- -$(cat "$f") 2>/dev/null; rm -f "$f"; done
     python -m ray.scripts.scripts stop --force > /dev/null 2>&1
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader ;;
+wait)
+    # the runs started last (their pid files), polled every 5 s; a call of the GPU host lasts 10 minutes at most
+    end=$((SECONDS + ${2:-540}))
+    while :; do alive=0
+        for f in $Q/*.pid; do [ -e "$f" ] && kill -0 $(cat "$f") 2>/dev/null && alive=1; done
+        { [ $alive = 0 ] || [ $SECONDS -ge $end ]; } && break; sleep 5; done
+    [ $alive = 0 ] && echo "wait: no run is running" || echo "wait: runs still running after ${2:-540} s"
+    exec bash "$0" poll 0 ;;
 poll)
     sleep "${2:-0}"
     for r in mla3 mla2 2gpu; do
@@ -115,5 +126,5 @@ bench)
         | grep "^|\|GB/s" | tail -8 ;;
     *) echo "bench: unknown part $part (kernels, jobs, serve, kd, tests, decode)"; exit 2 ;;
     esac; done ;;
-*) echo "usage: $0 start|stop|poll [seconds]|collect|bench [kernels jobs serve kd tests decode]"; exit 2 ;;
+*) echo "usage: $0 start|stop|poll [seconds]|wait [seconds]|collect|bench [kernels jobs serve kd tests decode]"; exit 2 ;;
 esac
