@@ -132,12 +132,14 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     storage = tmp_path / "run"
     for shared in (searched[1] / "tune").glob("shared-rope*"):  # the shared stages are cached by their markers
         shutil.copytree(shared, storage / "tune" / shared.name)
-    # 4 trials of 4 to 12 steps, two at a time (ASHA rungs at 4 and 8, a report and checkpoint every 4
-    # steps, which cost more than the steps): when the first one finishes, the second is still running
-    # and the other two wait, so the interruption leaves unfinished trials for the restore to run.
-    steps, samples = 12, 4
+    # 4 trials of 12 steps, two at a time, a report and checkpoint every 4 steps; ASHA's only rung is
+    # the last step, so no trial stops early: when the first one finishes, the second is still running
+    # or just done and the other two have not finished, so the interruption leaves unfinished trials for
+    # the restore to run. (With a rung at step 4, trials 3 and 4 could be stopped there before the first
+    # finished: on a slow machine the whole search was over by the time of the SIGINT.)
+    steps, samples, every = 12, 4, 4
     spec = write_spec(tmp_path / "spec.yaml", spec_dict(teacher_dir, data_file, storage, search_alg="random",
-                                                        steps=steps, eval_every=4, grace_period=1,
+                                                        steps=steps, eval_every=every, grace_period=steps // every,
                                                         num_samples=samples))
     log = (tmp_path / "first.log").open("w")
     # the search joins this test's Ray (as under `ray job submit`): no second cluster to start on a busy machine
