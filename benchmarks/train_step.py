@@ -49,7 +49,8 @@ Prints a table of ratios against (a) and writes JSON. Timings only: nothing is a
 
     python -m benchmarks.train_step --out train_step.json            # 16 x 2048 on one GPU
     python -m benchmarks.train_step --tiny                           # CPU smoke run, tiny shapes, seconds
-    python -m benchmarks.train_step --compile --models transformer hybrid_triton   # torch.compile'd steps
+    python -m benchmarks.train_step --compile --models transformer hybrid_triton   # layers torch.compile'd
+    python -m benchmarks.train_step --compile --models kd_deepspeed ild_deepspeed --batch 8   # as the stages on a GPU
     python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed kd_deepspeed_checked \
         ild_deepspeed --profile --out kd.json      # the KD rows need ray, the DeepSpeed ones deepspeed (on the GPU: the stage bundle)
 """
@@ -71,7 +72,7 @@ if not torch.cuda.is_available():  # CPU smoke runs: Triton reads this when it f
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (kd_deepspeed) reads it at its first use
 
 import torch.nn.functional as F  # noqa: E402
-from torch import Tensor  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from benchmarks.mamba_ssm_ssd import ENV as MAMBA_SSM_ENV  # noqa: E402
@@ -81,7 +82,7 @@ from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
 from zebra.losses import ild_loss, kd_loss  # noqa: E402
 from zebra.mla import MLAttention  # noqa: E402
-from zebra.modeling import ZebraForCausalLM  # noqa: E402
+from zebra.modeling import ZebraForCausalLM, compile_decoder_layers  # noqa: E402
 
 log = logging.getLogger("benchmarks.train_step")
 
@@ -675,7 +676,8 @@ def main(argv=None) -> dict:
         def step(build=build):
             torch.manual_seed(0)
             model = build()
-            model = torch.compile(model) if args.compile else model
+            if args.compile:
+                compile_layers(model)
             out = bench_train_step(model, args.batch, args.seq, args.steps, args.warmup, device, args.peak_flops,
                                    profile_steps)
             del model
@@ -714,7 +716,7 @@ def kd_row(name: str, args, kd: KDSetup, device) -> dict:
     torch.manual_seed(0)
     student = ild_students(args.tiny, args.chunk_size, device) if name == "ild_deepspeed" else student_factory()
     if args.compile:
-        log.warning("%s: --compile is not applied to the KD rows (the stage does not compile)", name)
+        compile_layers(student)
     try:
         if name == "ild_deepspeed":
             return bench_ild_deepspeed(student, teacher_factory, kd, device, args.zero_stage)
@@ -727,6 +729,15 @@ def kd_row(name: str, args, kd: KDSetup, device) -> dict:
     finally:
         del student
         free_memory(device)
+
+
+def compile_layers(model: nn.Module) -> None:
+    """Regional torch.compile as the stages do it (TrainSettings.compile): each decoder layer compiled in place,
+    zebra.modeling.compile_decoder_layers for a hybrid (or an ILD pair), each LlamaDecoderLayer for the transformer.
+    The warm-up steps take the compile."""
+    if compile_decoder_layers(model) == 0:
+        for layer in model.model.layers:
+            layer.compile()
 
 
 def kd_models(tiny: bool, chunk_size: int, device) -> tuple:
@@ -819,7 +830,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-flops", type=float, default=790e12, help="peak FLOP/s for the utilisation")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each model's decoder layers (regional, as the stages on a GPU)")
     parser.add_argument("--models", nargs="+", choices=LM_MODELS + KD_MODELS,
                         help=f"train-step rows to run (default: {' '.join(LM_MODELS)}; the KD rows only when named)")
     parser.add_argument("--profile", action="store_true",

@@ -168,7 +168,7 @@ class InitSpec(Section):
 class TrainSettings(Section):
     """What ild, kd and dpo share. One optimizer step consumes tokens_per_step tokens."""
 
-    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "log_every", "teacher_mode"})
+    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "log_every", "teacher_mode", "compile"})
     enabled: bool = True
     tokens: PosInt = 1_000_000  # the budget: total_steps = tokens // tokens_per_step
     micro_batch: PosInt = 8  # sequences per worker per forward
@@ -183,6 +183,8 @@ class TrainSettings(Section):
     gpus_per_worker: Annotated[int, Field(ge=0)] = 0  # 0: train on CPU
     bf16: Literal[True, False, "auto"] = "auto"  # auto: on GPUs that support it
     teacher_mode: Literal["actor", "inprocess"] = "actor"
+    # torch.compile the student's decoder layers: "auto" on GPU workers under ZeRO-2 (jobs.train.TrainConfig)
+    compile: Literal[True, False, "auto"] = "auto"
     checkpoint_every: PosInt = 200  # optimizer steps
     log_every: PosInt = 10  # optimizer steps
 

@@ -57,12 +57,14 @@ from cluster.teacher import TEACHER_MODES, RemoteTeacher, map_tensors, start_tea
 from jobs.relay import RelayReports
 from zebra.hybrid import held_out_ce, held_out_kl
 from zebra.losses import kd_loss
+from zebra.modeling import compile_decoder_layers
 
 log = logging.getLogger(__name__)
 
 STUDENT_STATE_FILE = "student_fp32.pt"
 DS_TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside a Ray Train checkpoint
 FAULT_STEP_ENV = "ZEBRA_FAULT_AT_STEP"  # test hook: the last rank exits at the start of this step ...
+COMPILE_BACKEND_ENV = "ZEBRA_COMPILE_BACKEND"  # torch.compile's backend for compiled layers (default inductor)
 FAULT_MARKER_ENV = "ZEBRA_FAULT_MARKER"  # ... once: it creates this file first and never fires if it exists
 STAGING_FIX = ("free space there, or start Ray with TMPDIR set to a folder on a larger disk (each worker stages its "
                "checkpoint there before Ray Train copies it into the run's storage)")
@@ -88,6 +90,10 @@ class TrainConfig:
     seq_len: int = 128
     grad_accum: int = 1
     bf16: bool | str = False  # GPU only; "auto": where the worker's GPU supports it (decided in the worker)
+    # torch.compile the student's decoder layers (zebra.modeling.compile_decoder_layers); "auto": on GPU
+    # workers (on the CPU the compile takes longer than the short runs it would speed up). ZeRO-2 only:
+    # ZeRO-3 gathers parameters in hooks on every submodule, which a compiled layer would trace into.
+    compile: bool | str = False
     teacher_mode: str = "actor"  # "actor" | "inprocess"
     teacher_cpus: float = 0.5  # CPUs Ray reserves for each teacher actor
     checkpoint_every: int = 50
@@ -104,6 +110,9 @@ class TrainConfig:
         _require(self.teacher_mode in TEACHER_MODES, "teacher_mode", self.teacher_mode, f"one of {TEACHER_MODES}")
         _require(self.bf16 in (True, False, "auto"), "bf16", self.bf16, 'True, False or "auto"')
         _require(self.bf16 is not True or self.use_gpu, "bf16", self.bf16, "False or \"auto\" when use_gpu is False")
+        _require(self.compile in (True, False, "auto"), "compile", self.compile, 'True, False or "auto"')
+        _require(self.compile is not True or self.zero_stage == 2, "compile", self.compile,
+                 'False or "auto" with zero_stage 3')
         _require(0.0 <= self.warmup_frac < 1.0, "warmup_frac", self.warmup_frac, "in [0, 1)")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _require(self.grad_clip > 0.0, "grad_clip", self.grad_clip, "> 0")
@@ -249,7 +258,7 @@ def _trainer(cfg: TrainConfig, loop_config: dict, storage_path: str, run_name: s
 def _worker_env(cfg: TrainConfig) -> dict[str, str]:
     """DeepSpeed picks its accelerator when imported: tell CPU workers before they import it."""
     env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
-    env.update({k: os.environ[k] for k in (FAULT_STEP_ENV, FAULT_MARKER_ENV) if k in os.environ})
+    env.update({k: os.environ[k] for k in (FAULT_STEP_ENV, FAULT_MARKER_ENV, COMPILE_BACKEND_ENV) if k in os.environ})
     return env
 
 
@@ -339,7 +348,7 @@ def train_worker(config: dict, session: Session) -> None:
     torch.manual_seed(cfg.seed)
     # A teacher actor starts up while DeepSpeed sets up the student.
     teacher = start_teacher(config["teacher_factory"], cfg.teacher_mode, device, cfg.teacher_cpus)
-    engine = _engine(cfg, config["student_factory"](), world)
+    engine = _engine(cfg, _compiled(config["student_factory"](), cfg), world)
     done = _resume(engine, session.get_checkpoint())
     batches = iter(config["data_factory"](rank, world, done * cfg.grad_accum))
     left = (cfg.total_steps - done) * cfg.grad_accum  # micro-batches this worker still takes
@@ -543,6 +552,20 @@ def resolve_bf16(setting: bool | str, use_gpu: bool) -> bool:
     """A bf16 setting (True, False, "auto") for this process: "auto" asks its GPU, so call it in the
     worker (the driver may have no GPU, or another one). Never bf16 without a GPU."""
     return use_gpu and (setting is True or (setting == "auto" and torch.cuda.is_bf16_supported()))
+
+
+def resolve_compile(setting: bool | str, use_gpu: bool, zero_stage: int) -> bool:
+    """Whether a worker compiles its student's layers: True, or "auto" on GPU workers under ZeRO-2."""
+    return setting is True or (setting == "auto" and use_gpu and zero_stage == 2)
+
+
+def _compiled(student: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The student with its decoder layers compiled when cfg.compile resolves to it (in place; logged once)."""
+    if resolve_compile(cfg.compile, cfg.use_gpu, cfg.zero_stage):
+        backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+        count = compile_decoder_layers(student, backend)
+        log.info("student: %d decoder layers compiled (torch.compile, backend %s)", count, backend)
+    return student
 
 
 def _without_cpu_shm_op() -> None:

@@ -51,11 +51,29 @@ class ZebraDecoderLayer(nn.Module):
         self.post_attention_layernorm = ZebraRMSNorm(config.hidden_size, config.rms_norm_eps, config.mamba_backend)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, hidden_states, position_ids, cache=None, attention_mask=None):
-        """[batch, seq, hidden] -> [batch, seq, hidden]."""
+    def forward(self, hidden_states, position_ids, cache=None, attention_mask=None, return_mixer: bool = False):
+        """[batch, seq, hidden] -> [batch, seq, hidden]; return_mixer: (that, the mixer's output [batch, seq,
+        hidden]), what ILD compares with the teacher's attention output (no hook, so a compiled layer keeps it)."""
         mixed = self.mixer(self.input_layernorm(hidden_states), position_ids, cache, attention_mask)
         hidden_states = hidden_states + mixed
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        out = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return (out, mixed) if return_mixer else out
+
+
+def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile every ZebraDecoderLayer inside model, in place (nn.Module.compile: parameter names and
+    state dicts unchanged): regional compilation, one graph per kind of layer (MLA, Mamba2) and input
+    signature, shared by all layers of that kind. An eager training step of this model is bound by the
+    host's launches at a micro-batch of 8 x 2048 (GPU busy ~35% of a KD step on an H200): a compiled layer
+    is one autograd node with fused elementwise kernels. The Triton kernels stay whole inside (custom ops:
+    kernels._eager). The number of layers compiled."""
+    layers = [m for m in model.modules() if isinstance(m, ZebraDecoderLayer)]
+    # every compiled layer's entries hang on nn.Module._call_impl's one code object: kinds x train/eval x
+    # shapes x return_mixer, over dynamo's default of 8 recompilations before it falls back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
 
 
 class ZebraPreTrainedModel(PreTrainedModel):

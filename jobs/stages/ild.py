@@ -67,14 +67,8 @@ class StudentPair(nn.Module):
 
 
 def _layer_and_mixer(layer: nn.Module, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-    """A decoder layer's output and its mixer's output (caught by a forward hook), both [batch, seq, d_model]."""
-    caught = []
-    hook = layer.mixer.register_forward_hook(lambda _module, _args, out: caught.append(out))
-    try:
-        out = layer(x, pos)
-    finally:
-        hook.remove()
-    return out, caught[0]
+    """A decoder layer's output and its mixer's output, both [batch, seq, d_model]."""
+    return layer(x, pos, return_mixer=True)
 
 
 def _targets(teacher, batch):

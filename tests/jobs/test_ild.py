@@ -146,3 +146,53 @@ def test_held_out_ild_in_batches_equals_one_pass(teacher_dir, students):  # noqa
     assert set(whole) == {"mla", "mamba"} and all(v > 0 for v in whole.values())
     for kind in whole:
         assert batched[kind] == pytest.approx(whole[kind], rel=1e-5)
+
+
+def test_compiled_students_train_as_eager_ones(teacher_dir, students, one_rank_group, monkeypatch):  # noqa: F811
+    """TrainConfig.compile (on GPUs by default; here forced, on torch.compile's aot_eager backend, which runs the
+    captured graphs op by op): train_worker compiles the students' layers, logs it, and ILD's steps end where the
+    eager ones do; the checkpoint keeps the plain parameter names (a fresh StudentPair loads it strictly)."""
+    import jobs.train
+
+    steps = 2
+    ids = torch.randint(0, 1000, (4, SEQ), generator=torch.Generator().manual_seed(6)).numpy()
+    teacher_factory = functools.partial(AutoModelForCausalLM.from_pretrained, teacher_dir, dtype=torch.float32)
+    factory = functools.partial(StudentPair, *students)
+    monkeypatch.setenv(jobs.train.COMPILE_BACKEND_ENV, "aot_eager")
+    finals, logged = {}, []
+    monkeypatch.setattr(jobs.train.log, "info", lambda msg, *args: logged.append(msg % args))
+    for compile in (False, True):
+        cfg = TrainConfig(workers=1, zero_stage=2, lr=3e-3, warmup_frac=0.0, total_steps=steps, micro_batch=2,
+                          seq_len=SEQ, teacher_mode="inprocess", checkpoint_every=steps, log_every=steps,
+                          compile=compile)
+        reports = []
+        session = Session(rank=0, world=1, device=torch.device("cpu"), get_checkpoint=lambda: None,
+                          report=lambda metrics, folder: reports.append(
+                              torch.load(Path(folder) / STUDENT_STATE_FILE) if folder else None))
+        train_worker(dict(cfg=cfg, student_factory=factory, teacher_factory=teacher_factory, objective=ILD_OBJECTIVE,
+                          data_factory=functools.partial(batches, ids, 0, 2)), session)
+        finals[compile] = reports[-1]
+    layers = sum(len(getattr(factory(), kind).model.layers) for kind in ("mla", "mamba"))
+    assert [m for m in logged if "compiled" in m] == [
+        f"student: {layers} decoder layers compiled (torch.compile, backend aot_eager)"]
+    factory().load_state_dict(finals[True], strict=True)
+    start = factory().state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in finals[True].items())
+    for name, value in finals[False].items():
+        torch.testing.assert_close(finals[True][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("compile, zero_stage, use_gpu, expected", [
+    (False, 2, True, False), ("auto", 2, True, True), ("auto", 3, True, False), ("auto", 2, False, False),
+    (True, 2, False, True)])
+def test_compile_setting_resolves_per_worker(compile, zero_stage, use_gpu, expected):
+    from jobs.train import resolve_compile
+
+    assert resolve_compile(compile, use_gpu, zero_stage) is expected
+
+
+def test_compile_with_zero3_fails_naming_the_field():
+    with pytest.raises(ValueError, match="TrainConfig.compile=True"):
+        TrainConfig(zero_stage=3, compile=True)
+    with pytest.raises(ValueError, match="TrainConfig.compile='yes'"):
+        TrainConfig(compile="yes")

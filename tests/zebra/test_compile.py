@@ -120,3 +120,39 @@ def test_scan_custom_ops_pass_opcheck():
     y, final, acum, states = torch.ops.zebra.ssd_scan_fwd(*fwd_args)
     bwd_args = (torch.randn_like(y), torch.randn_like(final), x, dt, A, B, C, None, acum, states, chunk)
     torch.library.opcheck(torch.ops.zebra.ssd_scan_bwd.default, bwd_args, test_utils=utils)
+
+
+def test_compiled_decoder_layers_train_like_eager_with_one_graph_per_kind():
+    """zebra.modeling.compile_decoder_layers (the stages' regional compile on GPUs): a 4-layer hybrid (2 MLA, 2
+    Mamba2), float64, compiled in place: the same parameter names, the same loss and gradients as an eager copy,
+    return_mixer's mixer output equal to what a hook on the mixer sees, and one graph per kind of layer, not per
+    layer (the MLA and Mamba2 layers each share theirs)."""
+    from torch._dynamo.utils import counters
+
+    from zebra.modeling import ZebraForCausalLM, compile_decoder_layers
+
+    torch.manual_seed(0)
+    cfg = config(num_hidden_layers=4, mixer_types=["mla", "mamba", "mamba", "mla"], vocab_size=64)
+    eager = ZebraForCausalLM(cfg).double()
+    compiled = ZebraForCausalLM(cfg).double()
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_decoder_layers(compiled, backend="aot_eager") == 4
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    ids = torch.randint(0, 64, (2, SEQ))
+    results = []
+    for model in (eager, compiled):
+        loss = model(ids, labels=ids).loss
+        results.append([loss, *torch.autograd.grad(loss, list(model.parameters()))])
+    assert counters["stats"]["unique_graphs"] == 2
+    for name, a, b in zip(["loss"] + [n for n, _ in eager.named_parameters()], *results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+    x, positions = inputs()
+    for layer in (eager.model.layers[0], eager.model.layers[1]):
+        seen = []
+        hook = layer.mixer.register_forward_hook(lambda _m, _a, out: seen.append(out))
+        out, mixed = layer(x, positions, return_mixer=True)
+        hook.remove()
+        torch.testing.assert_close(out, layer(x, positions), rtol=0, atol=0)
+        torch.testing.assert_close(mixed, seen[0], rtol=0, atol=0)
