@@ -64,6 +64,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -274,7 +275,27 @@ def profile_ops(step, steps: int, device, step_s: float, top: int = PROFILE_TOP)
                 for name, ms, calls in sorted(rows, key=lambda r: r[1], reverse=True)[:top]]
     busy = sum(getattr(e, key) for e in (device_events if cuda else host)) / 1e3 / steps
     return dict(time=key, steps=steps, step_ms=step_ms, busy_ms_per_step=busy, ops=ranked(host),
-                kernels=ranked(device_events) if cuda else [])
+                kernels=ranked(device_events) if cuda else [], python=python_profile(step, steps, device, step_ms, top))
+
+
+def python_profile(step, steps: int, device, step_ms: float, top: int) -> list[dict]:
+    """step() run `steps` more times under cProfile: the `top` Python functions by own time per step (what the
+    host spends outside the ops: hooks, autograd's Python, DeepSpeed's bookkeeping), same fields as profile_ops'
+    (cProfile's own overhead inflates them: compare them with one another, not with the step)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    sync(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    rows = sorted(((f"{Path(f).name}:{line}({name})", tt * 1e3 / steps, n / steps)
+                   for (f, line, name), (_, n, tt, _, _) in stats.items()), key=lambda r: r[1], reverse=True)
+    return [dict(name=name, ms_per_step=ms, pct_of_step=100 * ms / step_ms, calls_per_step=calls)
+            for name, ms, calls in rows[:top]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -813,7 +834,7 @@ def profile_rows(rows_by_model: dict) -> list[str]:
         prof = r["profile"]
         rows += [f"{name}: profile by {prof['time']} per step (step {prof['step_ms']:.1f} ms, "
                  f"busy {prof['busy_ms_per_step']:.1f} ms)", f"{'op':<60}{'ms':>9}{'% step':>8}{'calls':>7}"]
-        for what in ("ops", "kernels"):
+        for what in ("ops", "kernels", "python"):
             if prof[what]:
                 rows.append(f"{name}: top {what}")
             rows += [f"{op['name'][:59]:<60}{op['ms_per_step']:>9.2f}{op['pct_of_step']:>7.1f}%"
