@@ -248,6 +248,7 @@ class KdSpec(TrainSettings):
 
 class DpoSpec(TrainSettings):
     enabled: bool = False
+    compile: Literal[True, False, "auto"] = False  # compiled layers are not yet measured with DPO's pairs on a GPU
     tokens: PosInt = 1_000_000
     lr: PosFloat = 5e-7
     warmup_frac: Annotated[float, Field(ge=0, lt=1)] = 0.1

@@ -57,12 +57,15 @@ class TrialPlan:
 
 def trial_recipe(plan: TrialPlan) -> tuple[TrainConfig, functools.partial, Objective]:
     """The kd stage's recipe (jobs.context.kd_recipe) at the tune section's length, batch, learning
-    rate and resources: one worker, the teacher in-process, a report and a checkpoint every eval_every steps."""
+    rate and resources: one worker, the teacher in-process, a report and a checkpoint every eval_every steps,
+    the student's layers eager unless kd.compile is True."""
     spec, t = plan.spec, plan.spec.tune
     use_gpu = t.gpus_per_trial > 0
     return kd_recipe(spec, plan.teacher_dir, workers=1, total_steps=t.steps, micro_batch=t.micro_batch,
                      seq_len=t.seq_len, lr=t.lr or spec.kd.lr, use_gpu=use_gpu, bf16=spec.kd.bf16 if use_gpu else False,
-                     teacher_mode="inprocess", log_every=t.eval_every, checkpoint_every=t.eval_every)
+                     teacher_mode="inprocess", log_every=t.eval_every, checkpoint_every=t.eval_every,
+                     # a trial is tens of steps, each arm's shapes its own graphs: kd.compile "auto" does not pay here
+                     compile=spec.kd.compile is True)
 
 
 def run_trial(config: dict, plan: TrialPlan) -> None:

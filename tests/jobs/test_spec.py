@@ -266,6 +266,7 @@ def test_section_hash_ignores_what_does_not_change_outputs():
     base = hashes({})
     assert hashes({"kd": {"log_every": 1, "checkpoint_every": 7, "teacher_mode": "inprocess"}}) == base
     assert hashes({"kd": {"loss_backend": "torch"}}) == base  # the same loss, by the kernel or the loop
+    assert hashes({"ild": {"compile": False}, "kd": {"compile": True}}) == base  # the same layers, compiled or not
     assert hashes({"dpo": {"beta": 0.5}}) == base  # dpo is disabled: only that it is disabled counts
     assert hashes({"dpo": {"enabled": True}})["export"] != base["export"]
     assert hashes({"storage": {"uri": "runs/elsewhere"}, "cluster": {"num_cpus": 2}}) == base
