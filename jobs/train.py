@@ -360,7 +360,10 @@ def train_worker(config: dict, session: Session) -> None:
             _maybe_fault(step, rank, world, cfg.checkpoint_every)
             window.add(_optimizer_step(engine, config["objective"], targets, cfg, device))
             checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
-            if not (checkpoint or step % cfg.log_every == 0):
+            report = checkpoint or step % cfg.log_every == 0
+            if step == done + 1:
+                _first_step(window, step, rank, cfg, clock_restart=not report)
+            if not report:
                 continue
             metrics = {**window.flush(step, cfg, engine.get_lr()[0], resumed_from=done), **held_out.metrics(engine)}
             if rank == 0:
@@ -405,28 +408,47 @@ def _autocast(engine):
     return contextlib.nullcontext()
 
 
+def _first_step(window: _Window, step: int, rank: int, cfg: TrainConfig, clock_restart: bool) -> None:
+    """After a worker group's first step: wait for it, log its time (set-up work that no later step repeats:
+    Triton's and torch.compile's compiles, cuDNN's and cuBLAS's first calls) and, unless the step is reported
+    now, restart the window's clock, so that the first report's speed is the steady steps' (its loss still
+    averages every step)."""
+    window.losses[-1].item()
+    seconds = time.perf_counter() - window.start
+    if rank == 0:
+        compiled = resolve_compile(cfg.compile, cfg.use_gpu, cfg.zero_stage)
+        log.info("step %d took %.1f s: the first of these workers (kernel compiles%s); speeds count from the next",
+                 step, seconds, " and torch.compile of the layers" if compiled else "")
+    if clock_restart:
+        window.restart()
+
+
 class _Window:
     """The steps since the last report: their losses, kept on the device until the report reads them all at
     once (a host read every step would drain the GPU's queue every step, and a host-bound step then pays
-    its launch time in full), and the wall time from the window's start to that read."""
+    its launch time in full), and the wall time from the clock's (re)start to that read, over the steps
+    added since then."""
 
     def __init__(self):
         self.losses: list[Tensor] = []
         self.restart()
 
     def restart(self) -> None:
-        self.start = time.perf_counter()
+        """Restart the clock; the losses stay until the report reads them."""
+        self.start, self.timed = time.perf_counter(), 0
 
     def add(self, loss: Tensor) -> None:
         self.losses.append(loss)
+        self.timed += 1
 
     def flush(self, step: int, cfg: TrainConfig, lr: float, resumed_from: int) -> dict:
-        """The report's metrics (loss and speed averaged over the window); starts a new window's losses."""
+        """The report's metrics (loss over the window's steps, speed over the steps since the clock's
+        restart); starts a new window's losses."""
         n, losses = len(self.losses), torch.stack(self.losses).tolist()  # waits for the window's steps
         seconds = time.perf_counter() - self.start
         metrics = {
             "step": step, "loss": sum(losses) / n, "lr": lr, "tokens": step * cfg.tokens_per_step,
-            "tokens_per_s": n * cfg.tokens_per_step / seconds, "step_s": seconds / n,
+            "tokens_per_s": self.timed * cfg.tokens_per_step / seconds, "step_s": seconds / self.timed,
             "resumed_from": resumed_from,
         }
         if cfg.use_gpu:  # this worker's peak allocated GPU memory so far (the teacher's too when in-process)

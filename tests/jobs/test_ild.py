@@ -175,6 +175,8 @@ def test_compiled_students_train_as_eager_ones(teacher_dir, students, one_rank_g
     layers = sum(len(getattr(factory(), kind).model.layers) for kind in ("mla", "mamba"))
     assert [m for m in logged if "compiled" in m] == [
         f"student: {layers} decoder layers compiled (torch.compile, backend aot_eager)"]
+    firsts = [m for m in logged if m.startswith("step 1 took")]
+    assert len(firsts) == 2 and ["torch.compile" in m for m in firsts] == [False, True]
     factory().load_state_dict(finals[True], strict=True)
     start = factory().state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in finals[True].items())

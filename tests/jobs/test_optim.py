@@ -185,3 +185,35 @@ def test_window_reads_the_losses_once_and_times_only_its_steps():
     assert metrics["loss"] == pytest.approx(float(losses.double().mean()), rel=1e-6)
     assert metrics["step_s"] < 0.1 and metrics["tokens_per_s"] == pytest.approx(cfg.tokens_per_step / metrics["step_s"])
     assert window.losses == [] and metrics["tokens"] == 3 * cfg.tokens_per_step
+
+
+def test_first_step_is_logged_and_left_out_of_the_first_reports_speed(monkeypatch, caplog):
+    """A worker group's first step (compiles, first kernel calls) is logged with its time, and the first report's
+    speed counts only the steps after it, while its loss still averages every step (a fake clock: no timing)."""
+    import logging
+
+    import jobs.train
+    from jobs.train import _first_step, _Window
+
+    now = [0.0]
+    monkeypatch.setattr(jobs.train.time, "perf_counter", lambda: now[0])
+    cfg = TrainConfig(workers=1, micro_batch=4, seq_len=8, total_steps=10)
+    losses = torch.rand(3, generator=torch.Generator().manual_seed(8))
+    window = _Window()
+    now[0] = 12.5  # the first step: 12.5 s
+    window.add(losses[0].clone())
+    with caplog.at_level(logging.INFO, logger="jobs.train"):
+        _first_step(window, step=1, rank=0, cfg=cfg, clock_restart=True)
+    assert "step 1 took 12.5 s: the first of these workers" in caplog.text
+    for i, loss in enumerate(losses[1:], start=1):  # then 2 steps of 0.5 s
+        now[0] = 12.5 + 0.5 * i
+        window.add(loss.clone())
+    metrics = window.flush(step=3, cfg=cfg, lr=1e-3, resumed_from=0)
+    assert metrics["step_s"] == pytest.approx(0.5) and metrics["tokens_per_s"] == pytest.approx(cfg.tokens_per_step / 0.5)
+    assert metrics["loss"] == pytest.approx(float(losses.double().mean()), rel=1e-6)
+    # a first step that is reported at once keeps its time in that report
+    window.restart()
+    now[0] += 6.0
+    window.add(losses[0].clone())
+    _first_step(window, step=1, rank=1, cfg=cfg, clock_restart=False)
+    assert window.flush(step=1, cfg=cfg, lr=1e-3, resumed_from=0)["step_s"] == pytest.approx(6.0)
