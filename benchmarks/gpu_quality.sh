@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
 #   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
 #       serving (the mla3 export against the default teacher), the KD step's profile, GPU tests, decode at 16k;
-#       also `kernels` (the kernels' GPU parity tests) and `jobs` (tests/jobs' GPU tests, 200 s a test)
+#       also `kernels` (the kernels' GPU parity tests), `jobs` (tests/jobs' GPU tests, 200 s a test) and `host`
+#       (the compiled KD and ILD steps at HOST_BATCH=8 sequences with the transformer row, profiled: the host floor)
 # A run that died resumes where it stopped (stored stage outputs, checkpoints): `start` again.
 set -uo pipefail
 Q=/tmp/quality
@@ -114,6 +115,10 @@ bench)
     kd) timeout ${T_KD:-170} python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed \
         ild_deepspeed --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \
         | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
+    host) timeout ${T_HOST:-300} python -m benchmarks.train_step --models transformer kd_deepspeed ild_deepspeed \
+        --batch ${HOST_BATCH:-8} --compile --profile --profile-steps 2 --steps 6 --warmup 3 --out "$OUT/train_step_host.json" \
+        2>&1 | grep -v -i "warn" > "$OUT/train_step_host.txt"; grep -E "^(transformer|kd_deepspeed|ild_deepspeed) " \
+        "$OUT/train_step_host.txt"; grep -A12 "top python" "$OUT/train_step_host.txt" | cut -c1-90 ;;  # the host floor (TEAM.md)
     kernels) timeout ${T_KERNELS:-240} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
         tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py \
         tests/kernels/test_ssd_scan.py tests/kernels/test_token_l2.py tests/kernels/test_mla_rope.py 2>&1 | tail -14 ;;
@@ -124,7 +129,7 @@ bench)
     decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
         --repeats 2 --kernel-batch 64 --max-batch-cap ${DECODE_CAP:-1024} --out "$OUT/decode.json" 2>&1 \
         | grep "^|\|GB/s" | tail -8 ;;
-    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, tests, decode)"; exit 2 ;;
+    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, host, tests, decode)"; exit 2 ;;
     esac; done ;;
 *) echo "usage: $0 start|stop|poll [seconds]|wait [seconds]|collect|bench [kernels jobs serve kd tests decode]"; exit 2 ;;
 esac
