@@ -417,8 +417,8 @@ def _first_step(window: _Window, step: int, rank: int, cfg: TrainConfig, clock_r
     seconds = time.perf_counter() - window.start
     if rank == 0:
         compiled = resolve_compile(cfg.compile, cfg.use_gpu, cfg.zero_stage)
-        log.info("step %d took %.1f s: the first of these workers (kernel compiles%s); speeds count from the next",
-                 step, seconds, " and torch.compile of the layers" if compiled else "")
+        log.info("step %d took %.1f s: the first of these workers (first calls, kernel compiles%s); speeds count "
+                 "from the next", step, seconds, ", torch.compile of the layers" if compiled else "")
     if clock_restart:
         window.restart()
 
