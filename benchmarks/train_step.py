@@ -139,10 +139,10 @@ def bench_train_step(model, batch: int, seq: int, steps: int, warmup: int, devic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
-    step_s, loss = time_steps(step, steps, warmup, device)
+    step_s, loss, first_s = time_steps(step, steps, warmup, device)
     params = sum(p.numel() for p in model.parameters())
     tokens_per_s = batch * seq / step_s
-    out = dict(step_s=step_s, tokens_per_s=tokens_per_s, params=params, peak_gib=peak_gib(device), loss=loss.item(),
+    out = dict(step_s=step_s, first_step_s=first_s, tokens_per_s=tokens_per_s, params=params, peak_gib=peak_gib(device), loss=loss.item(),
                **flops_fields(6 * params, attention_flops(model.config, seq, backward=True), tokens_per_s,
                               peak_flops))
     if profile_steps:
@@ -183,15 +183,22 @@ def flops_fields(dense: int, attention: int, tokens_per_s: float, peak_flops: fl
     return dict(flops_per_token=total, attention_flops_per_token=attention, mfu=total * tokens_per_s / peak_flops)
 
 
-def time_steps(step, steps: int, warmup: int, device) -> tuple[float, Tensor]:
-    """(seconds per step() over `steps` calls after `warmup` untimed ones, the last call's result)."""
+def time_steps(step, steps: int, warmup: int, device) -> tuple[float, Tensor, float]:
+    """(seconds per step() over `steps` calls after `warmup` untimed ones, the last call's result, seconds of
+    the first call: its compiles, Triton's and with --compile torch.compile's, what a stage pays once)."""
+    sync(device)
+    begin = time.perf_counter()
+    first = None
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
         result = step()
+        if first is None:
+            sync(device)
+            first = time.perf_counter() - begin
     sync(device)
-    return (time.perf_counter() - start) / steps, result
+    return (time.perf_counter() - start) / steps, result, first
 
 
 def peak_gib(device) -> float | None:
@@ -333,8 +340,8 @@ def bench_kd_hybrid(student, teacher_factory, kd: KDSetup, device) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
-    step_s, loss = time_steps(step, kd.steps, kd.warmup, device)
-    out = kd_result(student, teacher.model, kd, step_s, device, loss.item())
+    step_s, loss, first_s = time_steps(step, kd.steps, kd.warmup, device)
+    out = kd_result(student, teacher.model, kd, step_s, device, loss.item()) | {"first_step_s": first_s}
     out["teacher"] = type(teacher).__name__
     out["split"] = time_phases(step, kd.steps, device)
     if kd.profile_steps:
@@ -423,8 +430,8 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
                 labels = batch["input_ids"] if kd.ce_weight > 0 else None
                 loss = kd_loss(logits, targets, kd.temperature, kd.ce_weight, labels)
             engine_update(engine, loss, timer)
-        step_s, loss = time_steps(step, kd.steps, kd.warmup, device)
-        out = kd_result(engine.module, teacher.model, kd, step_s, device, loss)
+        step_s, loss, first_s = time_steps(step, kd.steps, kd.warmup, device)
+        out = kd_result(engine.module, teacher.model, kd, step_s, device, loss) | {"first_step_s": first_s}
         out.update(bf16=engine.bfloat16_enabled(), zero_stage=zero_stage, ds_overrides=ds_overrides or {},
                    compute_grad_norm=engine.zero_compute_grad_norm() if hasattr(engine, "zero_compute_grad_norm")
                    else None)
@@ -495,9 +502,9 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
             with timer("students_forward_loss"):
                 loss = ILD_OBJECTIVE.loss(engine, targets, batch)
             engine_update(engine, loss, timer)
-        step_s, loss = time_steps(step, kd.steps, kd.warmup, device)
+        step_s, loss, first_s = time_steps(step, kd.steps, kd.warmup, device)
         tokens_per_s = kd.batch * kd.seq / step_s
-        out = dict(step_s=step_s, tokens_per_s=tokens_per_s, params=sum(p.numel() for p in pair.parameters()),
+        out = dict(step_s=step_s, first_step_s=first_s, tokens_per_s=tokens_per_s, params=sum(p.numel() for p in pair.parameters()),
                    trainable=sum(p.numel() for p in pair.parameters() if p.requires_grad),
                    **flops_fields(*ild_flops_per_token(engine.module, teacher.model, kd.seq), tokens_per_s,
                                   kd.peak_flops),
@@ -785,7 +792,8 @@ def table(results: dict) -> str:
     token), then the scan and norm rows against Triton's."""
     w = max([16] + [len(name) + 1 for name in results["train_step"]])  # the name column
     rows = [f"train step, batch {results['batch']} x {results['seq']}, {results['device']}",
-            f"{'model':<{w}}{'step s':>9}{'tokens/s':>12}{'x transf.':>10}{'peak GiB':>10}{'MFU':>7}{'attn':>7}"]
+            f"{'model':<{w}}{'step s':>9}{'tokens/s':>12}{'x transf.':>10}{'peak GiB':>10}{'MFU':>7}{'attn':>7}"
+            f"{'1st step s':>11}"]
     base = results["train_step"].get("transformer", {}).get("tokens_per_s")
     for name, r in results["train_step"].items():
         if "skipped" in r:
@@ -795,7 +803,7 @@ def table(results: dict) -> str:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         attn = 100 * r["attention_flops_per_token"] / r["flops_per_token"]
         rows.append(f"{name:<{w}}{r['step_s']:>9.3f}{r['tokens_per_s']:>12,.0f}{ratio:>10}{peak:>10}"
-                    f"{r['mfu'] * 100:>6.1f}%{attn:>6.1f}%")
+                    f"{r['mfu'] * 100:>6.1f}%{attn:>6.1f}%{r['first_step_s']:>11.1f}")
     for key, title in (("ssd_scan", f"SSD scan forward + backward (chunk {results['chunk_size']})"),
                        ("gated_rms_norm", "gated RMSNorm forward + backward"),
                        ("ild_loss", "ILD loss of one layer (layer + mixer output) forward + backward"),

@@ -167,6 +167,8 @@ def test_tiny_run_of_the_kd_rows(tmp_path, monkeypatch, capsys):
         assert len(split["phases"]) >= 5, name
         assert 0.5 * split["step_ms"] <= split["phase_sum_ms"] <= 1.01 * split["step_ms"], (name, split)
         assert r["profile"]["ops"] and all(op["ms_per_step"] >= 0 for op in r["profile"]["ops"]), name
+        assert r["profile"]["python"] and all(f["calls_per_step"] > 0 for f in r["profile"]["python"]), name
+        assert r["first_step_s"] > 0, name  # the first warm-up step, timed on its own
     assert rows["kd_deepspeed"]["bf16"] is False and rows["kd_deepspeed"]["zero_stage"] == 2
     assert rows["kd_deepspeed"]["ds_overrides"] == {} and rows["kd_deepspeed_checked"]["ds_overrides"] == CHECKED_DS_CONFIG
     assert rows["kd_deepspeed"]["compute_grad_norm"] is False and rows["kd_deepspeed_checked"]["compute_grad_norm"] is True
@@ -177,5 +179,7 @@ def test_tiny_run_of_the_kd_rows(tmp_path, monkeypatch, capsys):
                                                 "engine_step"]
     for micro in ("ild_loss", "mla_layer"):
         assert set(results[micro]) == {"triton", "torch"} and results[micro]["torch"]["ms"] > 0, micro
-    assert "kd_deepspeed: phases of one step" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kd_deepspeed: phases of one step" in printed and "1st step s" in printed
+    assert "kd_deepspeed: top python" in printed
     assert not dist.is_initialized()
