@@ -160,9 +160,14 @@ class MLAttention(nn.Module):
         """rope_inv_freq as float32 [head_dim // 2] on `device`, copied there once per device and value:
         a CUDA graph cannot record a host-to-device copy, and a decode step should not pay one per layer."""
         key = (device, self.rope_inv_freq)
-        if self._inv_freq_memo[0] != key:
-            self._inv_freq_memo = (key, torch.tensor(self.rope_inv_freq, dtype=torch.float32, device=device))
-        return self._inv_freq_memo[1]
+        if self._inv_freq_memo[0] == key:
+            return self._inv_freq_memo[1]
+        inv_freq = torch.tensor(self.rope_inv_freq, dtype=torch.float32, device=device)
+        # not while torch.compile traces: the write would change the memo that the graph's guards read, and
+        # every layer of this kind would compile a second graph at its next call
+        if not torch.compiler.is_compiling():
+            self._inv_freq_memo = (key, inv_freq)
+        return inv_freq
 
     def _use_absorbed(self, new: int, total: int) -> bool:
         # Absorbed attention costs ~new*total*(2 kv_rank + rope) per head; the naive path pays

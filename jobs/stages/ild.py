@@ -39,6 +39,7 @@ class StudentPair(nn.Module):
         zebra.losses.ild_loss's (IldSpec.loss_backend)."""
         super().__init__()
         self.loss_backend = loss_backend
+        self.layer_loss = _layer_loss  # compile_layers replaces it by its compiled form
         self.mla, self.mamba = (m if isinstance(m, nn.Module) else load_student(m) for m in (mla, mamba))
         for name, p in self.named_parameters():
             p.requires_grad_(".layers." in name and (".mixer." in name or train_mlp_norms))
@@ -47,6 +48,13 @@ class StudentPair(nn.Module):
         """One optimizer parameter group per student (jobs.train clips each group's gradient on its own)."""
         return [{"params": [p for p in getattr(self, kind).parameters() if p.requires_grad]}
                 for kind in ("mla", "mamba")]
+
+    def compile_layers(self, backend: str = "inductor") -> int:
+        """torch.compile each layer's step of the loss, the layer and its ild_loss in one graph per kind of layer
+        (the loss's float32 differences and norms fuse into the layer's kernels; the layer is an input of the
+        graph, so every layer of a kind shares it). What jobs.train's `compile` calls; the layers it covers."""
+        self.layer_loss = torch.compile(_layer_loss, backend=backend)
+        return sum(len(student.model.layers) for student in (self.mla, self.mamba))
 
     def layer_losses(self, hidden: list[Tensor], mixers: list[Tensor]) -> dict[str, Tensor]:
         """hidden: the teacher's n_layers + 1 states, mixers: its n_layers attention outputs, all
@@ -57,8 +65,7 @@ class StudentPair(nn.Module):
         for kind, student in (("mla", self.mla), ("mamba", self.mamba)):
             total = 0
             for i, layer in enumerate(student.model.layers):
-                out, mixed = _layer_and_mixer(layer, hidden[i], pos)
-                total = total + ild_loss(out, hidden[i + 1], mixed, mixers[i], backend=self.loss_backend)
+                total = total + self.layer_loss(layer, hidden[i], pos, hidden[i + 1], mixers[i], self.loss_backend)
             losses[kind] = total
         return losses
 
@@ -69,6 +76,13 @@ class StudentPair(nn.Module):
 def _layer_and_mixer(layer: nn.Module, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
     """A decoder layer's output and its mixer's output, both [batch, seq, d_model]."""
     return layer(x, pos, return_mixer=True)
+
+
+def _layer_loss(layer: nn.Module, x: Tensor, pos: Tensor, out: Tensor, mixer: Tensor, backend: str) -> Tensor:
+    """One layer's ild_loss: the layer fed x (the teacher's input to it), against the teacher's output `out` and
+    attention output `mixer`, all [batch, seq, d_model]."""
+    got, mixed = _layer_and_mixer(layer, x, pos)
+    return ild_loss(got, out, mixed, mixer, backend=backend)
 
 
 def _targets(teacher, batch):

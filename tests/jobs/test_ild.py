@@ -150,8 +150,11 @@ def test_held_out_ild_in_batches_equals_one_pass(teacher_dir, students):  # noqa
 
 def test_compiled_students_train_as_eager_ones(teacher_dir, students, one_rank_group, monkeypatch):  # noqa: F811
     """TrainConfig.compile (on GPUs by default; here forced, on torch.compile's aot_eager backend, which runs the
-    captured graphs op by op): train_worker compiles the students' layers, logs it, and ILD's steps end where the
-    eager ones do; the checkpoint keeps the plain parameter names (a fresh StudentPair loads it strictly)."""
+    captured graphs op by op): train_worker compiles the students' layers with their losses (one graph per kind of
+    layer), logs it, and ILD's steps end where the eager ones do; the checkpoint keeps the plain parameter names (a
+    fresh StudentPair loads it strictly)."""
+    from torch._dynamo.utils import counters
+
     import jobs.train
 
     steps = 2
@@ -162,6 +165,8 @@ def test_compiled_students_train_as_eager_ones(teacher_dir, students, one_rank_g
     finals, logged = {}, []
     monkeypatch.setattr(jobs.train.log, "info", lambda msg, *args: logged.append(msg % args))
     for compile in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
         cfg = TrainConfig(workers=1, zero_stage=2, lr=3e-3, warmup_frac=0.0, total_steps=steps, micro_batch=2,
                           seq_len=SEQ, teacher_mode="inprocess", checkpoint_every=steps, log_every=steps,
                           compile=compile)
@@ -172,6 +177,8 @@ def test_compiled_students_train_as_eager_ones(teacher_dir, students, one_rank_g
         train_worker(dict(cfg=cfg, student_factory=factory, teacher_factory=teacher_factory, objective=ILD_OBJECTIVE,
                           data_factory=functools.partial(batches, ids, 0, 2)), session)
         finals[compile] = reports[-1]
+    # each layer's step of the loss (layer and ild_loss) is one graph per kind of layer, shared by its 4 layers
+    assert counters["stats"]["unique_graphs"] == 2
     layers = sum(len(getattr(factory(), kind).model.layers) for kind in ("mla", "mamba"))
     assert [m for m in logged if "compiled" in m] == [
         f"student: {layers} decoder layers compiled (torch.compile, backend aot_eager)"]
