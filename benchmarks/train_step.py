@@ -760,12 +760,9 @@ def kd_row(name: str, args, kd: KDSetup, device) -> dict:
 
 
 def compile_layers(model: nn.Module) -> None:
-    """Regional torch.compile as the stages do it (TrainSettings.compile, jobs.train.compile_student, which imports
-    Ray and DeepSpeed): the ILD pair's compile_layers (each layer with its loss), compile_decoder_layers for a hybrid,
-    each LlamaDecoderLayer in place for the transformer. The warm-up steps take the compile."""
-    if hasattr(model, "compile_layers"):
-        model.compile_layers()
-    elif compile_decoder_layers(model) == 0:
+    """Regional torch.compile as the stages do it (TrainSettings.compile): compile_decoder_layers for a hybrid or
+    the ILD pair, each LlamaDecoderLayer in place for the transformer. The warm-up steps take the compile."""
+    if compile_decoder_layers(model) == 0:
         for layer in model.model.layers:
             layer.compile()
 

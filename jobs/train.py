@@ -581,19 +581,11 @@ def resolve_compile(setting: bool | str, use_gpu: bool, zero_stage: int) -> bool
     return setting is True or (setting == "auto" and use_gpu and zero_stage == 2)
 
 
-def compile_student(student: nn.Module, backend: str = "inductor") -> int:
-    """torch.compile a student's decoder layers in place: its own compile_layers(backend) where it has one (the
-    ILD pair compiles each layer with its loss), else zebra.modeling.compile_decoder_layers. The layers covered."""
-    if hasattr(student, "compile_layers"):
-        return student.compile_layers(backend)
-    return compile_decoder_layers(student, backend)
-
-
 def _compiled(student: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The student with its decoder layers compiled when cfg.compile resolves to it (in place; logged once)."""
     if resolve_compile(cfg.compile, cfg.use_gpu, cfg.zero_stage):
         backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
-        count = compile_student(student, backend)
+        count = compile_decoder_layers(student, backend)
         log.info("student: %d decoder layers compiled (torch.compile, backend %s)", count, backend)
     return student
 

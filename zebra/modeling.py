@@ -66,7 +66,10 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
     signature, shared by all layers of that kind. An eager training step of this model is bound by the
     host's launches at a micro-batch of 8 x 2048 (GPU busy ~35% of a KD step on an H200): a compiled layer
     is one autograd node with fused elementwise kernels. The Triton kernels stay whole inside (custom ops:
-    kernels._eager). The number of layers compiled."""
+    kernels._eager). A model with a compile_layers(backend) method of its own compiles itself instead (the ILD
+    pair of jobs.stages.ild: each layer with its loss). The number of layers compiled."""
+    if hasattr(model, "compile_layers"):
+        return model.compile_layers(backend)
     layers = [m for m in model.modules() if isinstance(m, ZebraDecoderLayer)]
     # every compiled layer's entries hang on nn.Module._call_impl's one code object: kinds x train/eval x
     # shapes x return_mixer, over dynamo's default of 8 recompilations before it falls back to eager

@@ -52,7 +52,8 @@ class StudentPair(nn.Module):
     def compile_layers(self, backend: str = "inductor") -> int:
         """torch.compile each layer's step of the loss, the layer and its ild_loss in one graph per kind of layer
         (the loss's float32 differences and norms fuse into the layer's kernels; the layer is an input of the
-        graph, so every layer of a kind shares it). What jobs.train's `compile` calls; the layers it covers."""
+        graph, so every layer of a kind shares it). What zebra.modeling.compile_decoder_layers calls for this
+        model (jobs.train's `compile`); the layers it covers."""
         self.layer_loss = torch.compile(_layer_loss, backend=backend)
         return sum(len(student.model.layers) for student in (self.mla, self.mamba))
 
