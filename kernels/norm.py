@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "cuda", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Under torch.compile, backends "auto" and "cuda" take the PyTorch formula: inductor fuses it with the residual adds
+# and casts around it into kernels that the compiled graph launches without a custom op's host time (176 of a
+# compiled KD step's 282 custom-op launches were these norms, notes/GPU.md session 12). False keeps the kernels
+# inside compiled graphs too (benchmarks.train_step --compiled-norms kernel compares the two).
+FORMULA_UNDER_COMPILE = True
 BLOCK_M = 32  # rows per tile
 ROW_STEPS = 16  # tiles per program: the weight gradient has one partial sum per program and group
 
@@ -194,7 +199,9 @@ def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor
 
 def _unsupported(y: torch.Tensor, backend: str) -> str | None:
     """Why the Triton kernel cannot take this call (None when it can). Besides CUDA, backend "triton" runs it on
-    CPU tensors under TRITON_INTERPRET=1."""
+    CPU tensors under TRITON_INTERPRET=1. Under torch.compile only "triton" insists (FORMULA_UNDER_COMPILE)."""
+    if FORMULA_UNDER_COMPILE and backend in ("auto", "cuda") and torch.compiler.is_compiling():
+        return "under torch.compile, which fuses the formula"
     reason = device_reason(y, backend)
     if reason is not None:
         return reason

@@ -227,3 +227,37 @@ def test_rms_kernel_matches_reference_on_gpu(dtype):
         same = (out == ref).float().mean().item()
         print(f"rms_norm {dtype}: {same:.5f} of the outputs equal rms_norm_ref's")
         assert same > 0.99
+
+
+def ops_in_compiled_graph(fn, *args) -> set[str]:
+    """The zebra custom ops in the FX graph torch.compile traces for fn(*args)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=record, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return out, {str(n.target) for n in graphs[0].graph.nodes if "zebra" in str(n.target)}
+
+
+@pytest.mark.parametrize("formula", [True, False])
+def test_norms_under_compile_take_the_fusable_formula_unless_told(monkeypatch, formula):
+    """Under torch.compile, backends "auto" and "cuda" trace the PyTorch formula (inductor fuses it) when
+    FORMULA_UNDER_COMPILE, the kernel's op otherwise; "triton" always the op. The device check is made to pass,
+    as on a GPU; the result equals the eager reference either way."""
+    import kernels.norm as norm
+
+    monkeypatch.setattr(norm, "FORMULA_UNDER_COMPILE", formula)
+    monkeypatch.setattr(norm, "device_reason", lambda t, backend: None)
+    x, w = torch.randn(3, 5, 32), torch.rand(32) + 0.5
+    y, z = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
+    for backend in ("auto", "cuda", "triton"):
+        out, ops = ops_in_compiled_graph(lambda a, b: rms_norm(a, b, EPS, backend), x, w)
+        assert bool(ops) == (backend == "triton" or not formula), (backend, ops)
+        torch.testing.assert_close(out, rms_norm_ref(x, w, EPS), rtol=1e-5, atol=1e-5)
+        out, ops = ops_in_compiled_graph(lambda a, b, c: gated_rms_norm(a, b, c, 8, EPS, backend), y, z, w)
+        assert bool(ops) == (backend == "triton" or not formula), (backend, ops)
+        torch.testing.assert_close(out, gated_rms_norm_ref(y, z, w, 8, EPS), rtol=1e-5, atol=1e-5)
