@@ -119,6 +119,14 @@ bench)
         --batch ${HOST_BATCH:-8} --compile --profile --profile-steps 2 --steps 6 --warmup 3 --out "$OUT/train_step_host.json" \
         2>&1 | grep -v -i "warn" > "$OUT/train_step_host.txt"; grep -E "^(transformer|kd_deepspeed|ild_deepspeed) " \
         "$OUT/train_step_host.txt"; grep -A12 "top python" "$OUT/train_step_host.txt" | cut -c1-90 ;;  # the host floor (TEAM.md)
+    graphs) timeout ${T_GRAPHS:-540} python -m benchmarks.train_step --models ${GRAPH_MODELS:-kd_deepspeed \
+        kd_deepspeed_graphed ild_deepspeed ild_deepspeed_graphed} --batch ${HOST_BATCH:-8} --compile --steps 6 --warmup 3 ${GRAPH_ARGS:-} \
+        --out "$OUT/train_step_graphs_${HOST_BATCH:-8}.json" 2>&1 | grep -v -i "warn" > "$OUT/train_step_graphs_${HOST_BATCH:-8}.txt"
+        grep -E "^(transformer|kd_deepspeed|ild_deepspeed)[a-z_]* |CUDA graph|Error|error" "$OUT/train_step_graphs_${HOST_BATCH:-8}.txt" \
+        | cut -c1-200 | tail -20 ;;  # compiled layers replayed from CUDA graphs (TrainSettings.cuda_graphs)
+    gtests) timeout ${T_GTESTS:-300} python -m pytest -q -s -m gpu -p no:cacheprovider -rf --tb=short \
+        tests/zebra/test_cuda_graphs.py tests/jobs/test_cuda_graphs_train.py tests/kernels/test_norm.py 2>&1 \
+        | grep -v -E "Warning:|warnings\.warn\(" | tail -40 ;;  # the CUDA-graph path's GPU tests
     kernels) timeout ${T_KERNELS:-240} python -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_kd_loss.py \
         tests/kernels/test_norm.py tests/zebra/test_zebra_rms_norm.py tests/zebra/test_mamba2.py \
         tests/kernels/test_ssd_scan.py tests/kernels/test_token_l2.py tests/kernels/test_mla_rope.py 2>&1 | tail -14 ;;
@@ -129,7 +137,7 @@ bench)
     decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
         --repeats 2 --kernel-batch 64 --max-batch-cap ${DECODE_CAP:-1024} --out "$OUT/decode.json" 2>&1 \
         | grep "^|\|GB/s" | tail -8 ;;
-    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, host, tests, decode)"; exit 2 ;;
+    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, host, graphs, gtests, tests, decode)"; exit 2 ;;
     esac; done ;;
 *) echo "usage: $0 start|stop|poll [seconds]|wait [seconds]|collect|bench [kernels jobs serve kd tests decode]"; exit 2 ;;
 esac

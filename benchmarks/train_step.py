@@ -20,6 +20,8 @@ One process, one batch shape, one device. Rows:
       CPU); then the same step again split into its phases (a replica of _optimizer_step's body)
   (h) kd_deepspeed_checked: (g) with DeepSpeed's own grad-norm and bf16 overflow checks back on
       (CHECKED_DS_CONFIG): what jobs.train.deepspeed_config's switching them off saves
+  (g'), (i') kd_deepspeed_graphed, ild_deepspeed_graphed: (g) and (i) with the engine's module replayed from CUDA
+      graphs (zebra.cuda_graphs.graph_forward, as TrainSettings.cuda_graphs): a host-bound step's launches gone
   (i) ild_deepspeed: the ILD stage's step the same way (jobs.stages.ild: both pure students of (a)'s shape,
       30 MLA and 30 Mamba2 layers, random init, only the mixers trainable, in one engine; ILD_OBJECTIVE with
       LocalTeacher.hidden_states), split into teacher forward, students forward (layers and loss), engine
@@ -51,6 +53,7 @@ Prints a table of ratios against (a) and writes JSON. Timings only: nothing is a
     python -m benchmarks.train_step --tiny                           # CPU smoke run, tiny shapes, seconds
     python -m benchmarks.train_step --compile --models transformer hybrid_triton   # layers torch.compile'd
     python -m benchmarks.train_step --compile --models kd_deepspeed ild_deepspeed --batch 8   # as the stages on a GPU
+    python -m benchmarks.train_step --compile --models kd_deepspeed kd_deepspeed_graphed --batch 8   # CUDA graphs
     python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed kd_deepspeed_checked \
         ild_deepspeed --profile --out kd.json      # the KD rows need ray, the DeepSpeed ones deepspeed (on the GPU: the stage bundle)
 """
@@ -78,10 +81,12 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from benchmarks.mamba_ssm_ssd import ENV as MAMBA_SSM_ENV  # noqa: E402
 from benchmarks.mamba_ssm_ssd import chunk_scan_combined  # noqa: E402
+import kernels.norm  # noqa: E402
 from kernels.norm import gated_rms_norm  # noqa: E402
 from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
 from zebra.losses import ild_loss, kd_loss  # noqa: E402
+from zebra.cuda_graphs import graph_forward, is_graphed  # noqa: E402
 from zebra.mla import MLAttention  # noqa: E402
 from zebra.modeling import ZebraForCausalLM, compile_decoder_layers  # noqa: E402
 
@@ -93,7 +98,8 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
 MLA_LAYERS = {"smollm2": [0, 14, 29], "tiny": [0, 3]}
 LM_MODELS = ("transformer", "hybrid_torch", "hybrid_triton")
-KD_MODELS = ("kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked", "ild_deepspeed")  # the rows with a teacher
+KD_MODELS = ("kd_hybrid", "kd_deepspeed", "kd_deepspeed_checked", "kd_deepspeed_graphed", "ild_deepspeed",
+             "ild_deepspeed_graphed")  # the rows with a teacher
 # kd_deepspeed_checked: jobs.train.deepspeed_config with DeepSpeed's own gradient checks back on, as before the
 # stage turned them off: GroupClippedAdamW clips (and guards non-finite norms), so ZeRO's global norm (a
 # per-parameter norm loop and an all-reduce) is unused, and a bf16 step needs no overflow check (a
@@ -318,6 +324,7 @@ class KDSetup:
     top_k: int | None = None
     ce_weight: float = 0.0
     profile_steps: int = 0
+    cuda_graphs: bool = False  # the DeepSpeed rows: the engine's module replayed from CUDA graphs (as the stages)
 
 
 def bench_kd_hybrid(student, teacher_factory, kd: KDSetup, device) -> dict:
@@ -412,6 +419,8 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
         with mock.patch.object(jobs.train, "deepspeed_config",
                                lambda c, w: merge_sections(stage_config(c, w), ds_overrides or {})):
             engine = _engine(cfg, student, world=1)
+        if kd.cuda_graphs:
+            graph_forward(engine.module)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -432,7 +441,8 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
             engine_update(engine, loss, timer)
         step_s, loss, first_s = time_steps(step, kd.steps, kd.warmup, device)
         out = kd_result(engine.module, teacher.model, kd, step_s, device, loss) | {"first_step_s": first_s}
-        out.update(bf16=engine.bfloat16_enabled(), zero_stage=zero_stage, ds_overrides=ds_overrides or {},
+        out.update(bf16=engine.bfloat16_enabled(), zero_stage=zero_stage, cuda_graphs=is_graphed(engine.module),
+                   ds_overrides=ds_overrides or {},
                    compute_grad_norm=engine.zero_compute_grad_norm() if hasattr(engine, "zero_compute_grad_norm")
                    else None)
         out["split"] = time_phases(split_step, kd.steps, device)
@@ -487,6 +497,8 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
     with one_rank_group(device):
         teacher = LocalTeacher(teacher_factory, device)
         engine = _engine(cfg, pair, world=1)
+        if kd.cuda_graphs:
+            graph_forward(engine.module)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -508,7 +520,8 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
                    trainable=sum(p.numel() for p in pair.parameters() if p.requires_grad),
                    **flops_fields(*ild_flops_per_token(engine.module, teacher.model, kd.seq), tokens_per_s,
                                   kd.peak_flops),
-                   peak_gib=peak_gib(device), loss=float(loss), bf16=engine.bfloat16_enabled(), zero_stage=zero_stage)
+                   peak_gib=peak_gib(device), loss=float(loss), bf16=engine.bfloat16_enabled(), zero_stage=zero_stage,
+                   cuda_graphs=is_graphed(engine.module))
         out["split"] = time_phases(split_step, kd.steps, device)
         if kd.profile_steps:
             out["profile"] = profile_ops(step, kd.profile_steps, device, step_s)
@@ -681,8 +694,10 @@ def main(argv=None) -> dict:
         args.profile_steps = min(args.profile_steps, 1)
     if args.profile_steps < 1:
         raise ValueError(f"--profile-steps={args.profile_steps}: expected >= 1")
+    kernels.norm.FORMULA_UNDER_COMPILE = args.compiled_norms == "formula"
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", batch=args.batch,
                    seq=args.seq, chunk_size=args.chunk_size, compile=args.compile, peak_flops=args.peak_flops,
+                   compiled_norms=args.compiled_norms,
                    torch=torch.__version__, train_step={}, ssd_scan={}, gated_rms_norm={}, ild_loss={}, mla_layer={})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = (2, 32, 2, 16, 16) if args.tiny else (args.batch, args.seq, 9, 64, 64)
@@ -742,11 +757,13 @@ def kd_row(name: str, args, kd: KDSetup, device) -> dict:
     (seed 1)."""
     student_factory, teacher_factory = kd_models(args.tiny, args.chunk_size, device)
     torch.manual_seed(0)
-    student = ild_students(args.tiny, args.chunk_size, device) if name == "ild_deepspeed" else student_factory()
+    ild = name.startswith("ild_deepspeed")
+    student = ild_students(args.tiny, args.chunk_size, device) if ild else student_factory()
+    kd = dataclasses.replace(kd, cuda_graphs=name.endswith("_graphed"))
     if args.compile:
         compile_layers(student)
     try:
-        if name == "ild_deepspeed":
+        if ild:
             return bench_ild_deepspeed(student, teacher_factory, kd, device, args.zero_stage)
         if name == "kd_hybrid":
             return bench_kd_hybrid(student, teacher_factory, kd, device)
@@ -860,6 +877,8 @@ def parse_args(argv=None):
     parser.add_argument("--peak-flops", type=float, default=790e12, help="peak FLOP/s for the utilisation")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each model's decoder layers (regional, as the stages on a GPU)")
+    parser.add_argument("--compiled-norms", choices=("formula", "kernel"), default="formula",
+                        help="with --compile: the RMSNorms as inductor's fused formula (the stages) or our kernels")
     parser.add_argument("--models", nargs="+", choices=LM_MODELS + KD_MODELS,
                         help=f"train-step rows to run (default: {' '.join(LM_MODELS)}; the KD rows only when named)")
     parser.add_argument("--profile", action="store_true",

@@ -235,7 +235,7 @@ def train_config(spec: JobSpec, section: TrainSettings, **changes) -> TrainConfi
         warmup_frac=section.warmup_frac, min_lr_ratio=section.min_lr_ratio, grad_clip=section.grad_clip,
         total_steps=section.total_steps, micro_batch=section.micro_batch,
         seq_len=section.seq_len, grad_accum=section.grad_accum, bf16=bf16, teacher_mode=section.teacher_mode,
-        compile=section.compile,
+        compile=section.compile, cuda_graphs=section.cuda_graphs,
         checkpoint_every=section.checkpoint_every, keep_checkpoints=spec.storage.keep_checkpoints,
         seed=spec.seed, log_every=section.log_every,
     )

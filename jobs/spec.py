@@ -168,7 +168,8 @@ class InitSpec(Section):
 class TrainSettings(Section):
     """What ild, kd and dpo share. One optimizer step consumes tokens_per_step tokens."""
 
-    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "log_every", "teacher_mode", "compile"})
+    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "log_every", "teacher_mode", "compile",
+                                                               "cuda_graphs"})
     enabled: bool = True
     tokens: PosInt = 1_000_000  # the budget: total_steps = tokens // tokens_per_step
     micro_batch: PosInt = 8  # sequences per worker per forward
@@ -185,6 +186,8 @@ class TrainSettings(Section):
     teacher_mode: Literal["actor", "inprocess"] = "actor"
     # torch.compile the student's decoder layers: "auto" on GPU workers under ZeRO-2 (jobs.train.TrainConfig)
     compile: Literal[True, False, "auto"] = "auto"
+    # replay the student's forward and backward from CUDA graphs: "auto" on GPU workers under ZeRO-2 (TrainConfig)
+    cuda_graphs: Literal[True, False, "auto"] = False
     checkpoint_every: PosInt = 200  # optimizer steps
     log_every: PosInt = 10  # optimizer steps
 
@@ -249,6 +252,7 @@ class KdSpec(TrainSettings):
 class DpoSpec(TrainSettings):
     enabled: bool = False
     compile: Literal[True, False, "auto"] = False  # compiled layers are not yet measured with DPO's pairs on a GPU
+    cuda_graphs: Literal[True, False, "auto"] = False  # nor are graphs: a pair's rows may differ in shape
     tokens: PosInt = 1_000_000
     lr: PosFloat = 5e-7
     warmup_frac: Annotated[float, Field(ge=0, lt=1)] = 0.1

@@ -57,6 +57,7 @@ from cluster.teacher import TEACHER_MODES, RemoteTeacher, map_tensors, start_tea
 from jobs.relay import RelayReports
 from zebra.hybrid import held_out_ce, held_out_kl
 from zebra.losses import kd_loss
+from zebra.cuda_graphs import graph_forward
 from zebra.modeling import compile_decoder_layers
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ class TrainConfig:
     # workers (on the CPU the compile takes longer than the short runs it would speed up). ZeRO-2 only:
     # ZeRO-3 gathers parameters in hooks on every submodule, which a compiled layer would trace into.
     compile: bool | str = False
+    # Replay the student's forward and backward from CUDA graphs (zebra.cuda_graphs.graph_forward), captured at
+    # the first step: one launch instead of thousands a micro-batch, for a step bound by the host. "auto": on
+    # GPU workers under ZeRO-2 (ZeRO-3 gathers parameters in hooks that a graph cannot replay).
+    cuda_graphs: bool | str = False
     teacher_mode: str = "actor"  # "actor" | "inprocess"
     teacher_cpus: float = 0.5  # CPUs Ray reserves for each teacher actor
     checkpoint_every: int = 50
@@ -113,6 +118,9 @@ class TrainConfig:
         _require(self.compile in (True, False, "auto"), "compile", self.compile, 'True, False or "auto"')
         _require(self.compile is not True or self.zero_stage == 2, "compile", self.compile,
                  'False or "auto" with zero_stage 3')
+        _require(self.cuda_graphs in (True, False, "auto"), "cuda_graphs", self.cuda_graphs, 'True, False or "auto"')
+        _require(self.cuda_graphs is not True or (self.use_gpu and self.zero_stage == 2), "cuda_graphs",
+                 self.cuda_graphs, 'False or "auto" without use_gpu or with zero_stage 3')
         _require(0.0 <= self.warmup_frac < 1.0, "warmup_frac", self.warmup_frac, "in [0, 1)")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _require(self.grad_clip > 0.0, "grad_clip", self.grad_clip, "> 0")
@@ -348,7 +356,7 @@ def train_worker(config: dict, session: Session) -> None:
     torch.manual_seed(cfg.seed)
     # A teacher actor starts up while DeepSpeed sets up the student.
     teacher = start_teacher(config["teacher_factory"], cfg.teacher_mode, device, cfg.teacher_cpus)
-    engine = _engine(cfg, _compiled(config["student_factory"](), cfg), world)
+    engine = _graphed(_engine(cfg, _compiled(config["student_factory"](), cfg), world), cfg)
     done = _resume(engine, session.get_checkpoint())
     batches = iter(config["data_factory"](rank, world, done * cfg.grad_accum))
     left = (cfg.total_steps - done) * cfg.grad_accum  # micro-batches this worker still takes
@@ -416,9 +424,11 @@ def _first_step(window: _Window, step: int, rank: int, cfg: TrainConfig, clock_r
     window.losses[-1].item()
     seconds = time.perf_counter() - window.start
     if rank == 0:
-        compiled = resolve_compile(cfg.compile, cfg.use_gpu, cfg.zero_stage)
+        extra = "".join(text for on, text in (
+            (resolve_compile(cfg.compile, cfg.use_gpu, cfg.zero_stage), ", torch.compile of the layers"),
+            (resolve_cuda_graphs(cfg.cuda_graphs, cfg.use_gpu, cfg.zero_stage), ", the CUDA graphs' capture")) if on)
         log.info("step %d took %.1f s: the first of these workers (first calls, kernel compiles%s); speeds count "
-                 "from the next", step, seconds, ", torch.compile of the layers" if compiled else "")
+                 "from the next", step, seconds, extra)
     if clock_restart:
         window.restart()
 
@@ -579,6 +589,19 @@ def resolve_bf16(setting: bool | str, use_gpu: bool) -> bool:
 def resolve_compile(setting: bool | str, use_gpu: bool, zero_stage: int) -> bool:
     """Whether a worker compiles its student's layers: True, or "auto" on GPU workers under ZeRO-2."""
     return setting is True or (setting == "auto" and use_gpu and zero_stage == 2)
+
+
+def resolve_cuda_graphs(setting: bool | str, use_gpu: bool, zero_stage: int) -> bool:
+    """Whether a worker replays its student from CUDA graphs: True, or "auto" on GPU workers under ZeRO-2."""
+    return use_gpu and zero_stage == 2 and setting in (True, "auto")
+
+
+def _graphed(engine, cfg: TrainConfig):
+    """The engine, its module's forward replayed from CUDA graphs when cfg.cuda_graphs resolves to it (captured
+    at the first micro-batch: zebra.cuda_graphs.graph_forward)."""
+    if resolve_cuda_graphs(cfg.cuda_graphs, cfg.use_gpu, cfg.zero_stage):
+        graph_forward(engine.module)
+    return engine
 
 
 def _compiled(student: nn.Module, cfg: TrainConfig) -> nn.Module:

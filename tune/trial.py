@@ -65,7 +65,7 @@ def trial_recipe(plan: TrialPlan) -> tuple[TrainConfig, functools.partial, Objec
                      seq_len=t.seq_len, lr=t.lr or spec.kd.lr, use_gpu=use_gpu, bf16=spec.kd.bf16 if use_gpu else False,
                      teacher_mode="inprocess", log_every=t.eval_every, checkpoint_every=t.eval_every,
                      # a trial is tens of steps, each arm's shapes its own graphs: kd.compile "auto" does not pay here
-                     compile=spec.kd.compile is True)
+                     compile=spec.kd.compile is True, cuda_graphs=spec.kd.cuda_graphs is True)
 
 
 def run_trial(config: dict, plan: TrialPlan) -> None:

@@ -1,0 +1,96 @@
+"""The stages' training step with the student replayed from CUDA graphs (TrainConfig.cuda_graphs) against the
+same step eager, on a GPU: jobs.train's DeepSpeed ZeRO-2 engine, GroupClippedAdamW and _optimizer_step, two
+micro-batches accumulated per step (the graphs' gradients must be copied out by DeepSpeed before the next
+micro-batch's backward overwrites them), fresh tokens every micro-batch, for the KD objective (a hybrid
+student) and ILD's (the pair of pure students). The weights after three steps must match. On the CPU only the
+settings are checked."""
+import itertools
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from jobs.train import TrainConfig, resolve_cuda_graphs
+
+VOCAB, SEQ, MICRO = 128, 64, 2
+
+
+def test_cuda_graphs_setting_resolves_and_is_checked():
+    assert resolve_cuda_graphs("auto", use_gpu=True, zero_stage=2)
+    assert not resolve_cuda_graphs("auto", use_gpu=False, zero_stage=2)
+    assert not resolve_cuda_graphs("auto", use_gpu=True, zero_stage=3)
+    assert not resolve_cuda_graphs(False, use_gpu=True, zero_stage=2)
+    for bad in (dict(cuda_graphs="yes"), dict(cuda_graphs=True), dict(cuda_graphs=True, use_gpu=True, zero_stage=3)):
+        with pytest.raises(ValueError, match="cuda_graphs"):
+            TrainConfig(**bad)
+    TrainConfig(cuda_graphs=True, use_gpu=True)
+
+
+def teacher_factory() -> LlamaForCausalLM:
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def students(kind: str):
+    """kind "kd": a hybrid of the teacher's shape (MLA layers 0 and 3); "ild": jobs.stages.ild's StudentPair."""
+    from jobs.stages.ild import StudentPair
+    from zebra.convert import hybrid_config
+    from zebra.modeling import ZebraForCausalLM
+
+    config = teacher_factory().config
+    torch.manual_seed(2)
+
+    def student(mla_layers):
+        return ZebraForCausalLM(hybrid_config(config, mla_layers, kv_rank=16, qk_rope_dim=8, chunk_size=16))
+
+    if kind == "kd":
+        return student([0, 3])
+    return StudentPair(student(list(range(4))), student([]))
+
+
+def train(kind: str, graphed: bool, steps: int = 3) -> tuple[dict, list[float]]:
+    """(the student's weights, the step losses) after `steps` steps of jobs.train's step in this process (inside
+    one process group for all: DeepSpeed keeps the groups it made of the first)."""
+    from cluster.teacher import LocalTeacher
+    from jobs.stages.ild import ILD_OBJECTIVE
+    from jobs.train import TargetsAhead, _engine, _graphed, _optimizer_step, kd_objective
+    from zebra.cuda_graphs import is_graphed
+
+    device = torch.device("cuda")
+    cfg = TrainConfig(workers=1, use_gpu=True, zero_stage=2, micro_batch=MICRO, seq_len=SEQ, grad_accum=2,
+                      bf16=False, lr=3e-3, total_steps=100, cuda_graphs=graphed)
+    objective = kd_objective() if kind == "kd" else ILD_OBJECTIVE
+    gen = torch.Generator().manual_seed(0)
+    batches = ({"input_ids": torch.randint(0, VOCAB, (MICRO, SEQ), generator=gen)} for _ in itertools.count())
+    teacher = LocalTeacher(teacher_factory, device)
+    engine = _graphed(_engine(cfg, students(kind), world=1), cfg)
+    targets = TargetsAhead(batches, teacher, objective, cfg, device, count=steps * cfg.grad_accum)
+    losses = [float(_optimizer_step(engine, objective, targets, cfg, device)) for _ in range(steps)]
+    assert is_graphed(engine.module) == graphed
+    weights = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    engine.destroy()
+    return weights, losses
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    from benchmarks.train_step import one_rank_group
+
+    with one_rank_group(torch.device("cuda")):
+        yield
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["kd", "ild"])
+def test_graphed_step_trains_as_the_eager_step(kind, process_group):
+    eager, eager_losses = train(kind, graphed=False)
+    graphed, graphed_losses = train(kind, graphed=True)
+    print(kind, eager_losses, graphed_losses)
+    assert eager_losses[-1] != eager_losses[0]  # the weights moved
+    torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
+    for name, value in eager.items():
+        torch.testing.assert_close(graphed[name], value, rtol=1e-4, atol=1e-5, msg=name)
