@@ -24,6 +24,7 @@ RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a worker lost inside that window restarts fr
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -356,11 +357,12 @@ def train_worker(config: dict, session: Session) -> None:
     torch.manual_seed(cfg.seed)
     # A teacher actor starts up while DeepSpeed sets up the student.
     teacher = start_teacher(config["teacher_factory"], cfg.teacher_mode, device, cfg.teacher_cpus)
-    engine = _graphed(_engine(cfg, _compiled(config["student_factory"](), cfg), world), cfg)
+    engine = _engine(cfg, _compiled(config["student_factory"](), cfg), world)
     done = _resume(engine, session.get_checkpoint())
     batches = iter(config["data_factory"](rank, world, done * cfg.grad_accum))
     left = (cfg.total_steps - done) * cfg.grad_accum  # micro-batches this worker still takes
     targets = TargetsAhead(batches, teacher, config["objective"], cfg, device, left)
+    _graphed(engine, cfg, targets)
     held_out = _HeldOut(config.get("held_out"), teacher, device)
     window = _Window()
     try:  # a failed step leaves no request of the thread running on
@@ -596,11 +598,11 @@ def resolve_cuda_graphs(setting: bool | str, use_gpu: bool, zero_stage: int) -> 
     return use_gpu and zero_stage == 2 and setting in (True, "auto")
 
 
-def _graphed(engine, cfg: TrainConfig):
+def _graphed(engine, cfg: TrainConfig, targets: TargetsAhead | None = None):
     """The engine, its module's forward replayed from CUDA graphs when cfg.cuda_graphs resolves to it (captured
-    at the first micro-batch: zebra.cuda_graphs.graph_forward)."""
+    at the first micro-batch: zebra.cuda_graphs.graph_forward, with `targets`' look-ahead thread idle)."""
     if resolve_cuda_graphs(cfg.cuda_graphs, cfg.use_gpu, cfg.zero_stage):
-        graph_forward(engine.module)
+        graph_forward(engine.module, before_capture=None if targets is None else targets.settle)
     return engine
 
 
@@ -703,6 +705,12 @@ class TargetsAhead:
             for t in used:
                 t.record_stream(current)  # memory the thread's stream allocated, used on this one
         return batch, targets
+
+    def settle(self) -> None:
+        """Wait until the look-ahead thread is idle (the request under way, if any, answered and kept for next()):
+        what a CUDA graph capture needs of the other threads of its process."""
+        if self.pending is not None:
+            concurrent.futures.wait([self.pending])
 
     def close(self) -> None:
         """Stop the thread: a request not yet started is dropped, one under way is waited for (there is none

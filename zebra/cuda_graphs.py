@@ -23,6 +23,7 @@ right there; a plain loop must step (or copy the gradients) after each backward.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any, Callable
 
@@ -55,15 +56,15 @@ class _GraphedForward:
     """module.forward's replacement (see the module docstring): captures at the first capturable call, replays
     calls of the captured signature, runs `original` for the rest."""
 
-    def __init__(self, module: nn.Module, original: Callable, warmup: int, on_capture: Callable[[], None] | None):
-        self.module, self.original, self.warmup, self.on_capture = module, original, warmup, on_capture
+    def __init__(self, module: nn.Module, original: Callable, warmup: int, before_capture: Callable[[], None] | None):
+        self.module, self.original, self.warmup, self.before_capture = module, original, warmup, before_capture
         self.graphed: Callable | None = None
         self.signature: tuple | None = None
-        self.failed = False
+        self.failure: str | None = None  # why the capture failed: the first error of its chain
 
     def __call__(self, *args, **kwargs) -> Any:
         signature = _signature(args)
-        if self.failed or not _capturable(self.module, signature, kwargs):
+        if self.failure is not None or not _capturable(self.module, signature, kwargs):
             return self.original(*args, **kwargs)
         if self.graphed is None:
             self._capture(args, signature)
@@ -74,30 +75,56 @@ class _GraphedForward:
         return self.graphed(*args)
 
     def _capture(self, args: tuple, signature: tuple) -> None:
-        self.module.forward = self.original  # make_graphed_callables calls the module; its forward must be the plain one
+        # make_graphed_callables refuses a module with hooks (DeepSpeed hooks the module it wraps): capture a
+        # hook-free module over the same parameters that runs the original forward; the module's own hooks still
+        # run around every call, outside the graphs
+        plain = _Plain(self.module, self.original)
+        if self.before_capture is not None:
+            self.before_capture()
         try:
-            torch.cuda.make_graphed_callables(self.module, args, num_warmup_iters=self.warmup, allow_unused_input=True)
+            torch.cuda.make_graphed_callables(plain, args, num_warmup_iters=self.warmup, allow_unused_input=True)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager forward, said once
-            self.failed = True
-            log.warning("CUDA graphs off for %s: the capture failed (%s: %s); it runs op by op",
-                        type(self.module).__name__, type(error).__name__, error)
+            self.failure = first_error(error)
+            log.warning("CUDA graphs off for %s: the capture failed (%s); it runs op by op",
+                        type(self.module).__name__, self.failure)
+            del error, plain  # the failed graphs' memory pool goes back (a worker kept ~2x its memory and ran out)
+            gc.collect()
+            torch.cuda.empty_cache()
             return
-        finally:
-            graphed, self.module.forward = self.module.forward, self
-        self.graphed, self.signature = graphed, signature
+        self.graphed, self.signature = plain.forward, signature
+        torch.cuda.empty_cache()  # the warm-up's blocks: the graphs' pool holds what the replays use
         log.info("%s: forward and backward captured in CUDA graphs (%d tensor arguments)",
                  type(self.module).__name__, len(signature[1]))
-        if self.on_capture is not None:
-            self.on_capture()
+
+
+def first_error(error: BaseException) -> str:
+    """The earliest error of error's chain, in one line: a failed capture reports "operation failed due to a
+    previous error during capture", and the previous error (the cause to fix) is its context."""
+    while error.__context__ is not None:
+        error = error.__context__
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+
+
+class _Plain(nn.Module):
+    """`module`'s parameters (as a child) and its original forward, without its hooks: what is captured."""
+
+    def __init__(self, module: nn.Module, forward: Callable):
+        super().__init__()
+        self.module, self.run = module, forward
+
+    def forward(self, *args) -> Any:
+        return self.run(*args)
 
 
 def graph_forward(module: nn.Module, warmup: int = WARMUP_CALLS,
-                  on_capture: Callable[[], None] | None = None) -> nn.Module:
+                  before_capture: Callable[[], None] | None = None) -> nn.Module:
     """Replace module.forward, in place, by one replayed from CUDA graphs (see the module docstring); the module.
-    on_capture: called after a successful capture (e.g. to log it beside the step's time)."""
+    before_capture: called just before the capture, to quiet every other thread's CUDA work: while a stream
+    captures, another thread's allocation, synchronisation or IPC handle opening (a teacher actor's reply)
+    invalidates the capture."""
     if isinstance(module.forward, _GraphedForward):
         return module
-    module.forward = _GraphedForward(module, module.forward, warmup, on_capture)
+    module.forward = _GraphedForward(module, module.forward, warmup, before_capture)
     return module
 
 
@@ -105,3 +132,9 @@ def is_graphed(module: nn.Module) -> bool:
     """Whether module's forward replays CUDA graphs (captured, not failed)."""
     forward = module.__dict__.get("forward")
     return isinstance(forward, _GraphedForward) and forward.graphed is not None
+
+
+def capture_failure(module: nn.Module) -> str | None:
+    """Why module's capture failed (the first error of its chain), or None."""
+    forward = module.__dict__.get("forward")
+    return forward.failure if isinstance(forward, _GraphedForward) else None

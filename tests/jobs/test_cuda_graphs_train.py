@@ -85,7 +85,11 @@ def process_group():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["kd", "ild"])
+@pytest.mark.parametrize("kind", [
+    pytest.param("kd", marks=pytest.mark.xfail(strict=True, reason=(
+        "the hybrid's capture inside the engine fails on an H200 (cudaErrorStreamCaptureImplicit in the backward: "
+        "notes/GPU.md session 13; python -m benchmarks.graph_capture_probe bisects it)"))),
+    "ild"])
 def test_graphed_step_trains_as_the_eager_step(kind, process_group):
     eager, eager_losses = train(kind, graphed=False)
     graphed, graphed_losses = train(kind, graphed=True)
@@ -94,3 +98,34 @@ def test_graphed_step_trains_as_the_eager_step(kind, process_group):
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
     for name, value in eager.items():
         torch.testing.assert_close(graphed[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["kd", "ild"])
+def test_student_step_never_waits_for_the_host(kind, process_group):
+    """What a capture needs: the student's forward and backward, as the stage's objective runs them in the
+    DeepSpeed engine's module, make no host synchronisation (torch.cuda.set_sync_debug_mode raises at the first,
+    with the traceback that names it)."""
+    from cluster.teacher import LocalTeacher
+    from jobs.stages.ild import ILD_OBJECTIVE
+    from jobs.train import TargetsAhead, _engine, kd_objective
+
+    device = torch.device("cuda")
+    cfg = TrainConfig(workers=1, use_gpu=True, zero_stage=2, micro_batch=MICRO, seq_len=SEQ, bf16=False, total_steps=10)
+    objective = kd_objective() if kind == "kd" else ILD_OBJECTIVE
+    batches = itertools.repeat({"input_ids": torch.randint(0, VOCAB, (MICRO, SEQ))})
+    engine = _engine(cfg, students(kind), world=1)
+    batch, targets = TargetsAhead(batches, LocalTeacher(teacher_factory, device), objective, cfg, device, 2).next()
+    module = engine.module
+    trained = [p for p in module.parameters() if p.requires_grad]
+    for warm_up in (True, False):  # the first call's lazy set-up may sync; a graph is captured after warm-ups
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("default" if warm_up else "error")
+        try:
+            loss = objective.loss(module, targets, batch)
+            grads = torch.autograd.grad(loss, trained, allow_unused=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert any(g is not None for g in grads)
+    engine.destroy()
