@@ -124,6 +124,7 @@ bench)
         --out "$OUT/train_step_graphs_${HOST_BATCH:-8}.json" 2>&1 | grep -v -i "warn" > "$OUT/train_step_graphs_${HOST_BATCH:-8}.txt"
         grep -E "^(transformer|kd_deepspeed|ild_deepspeed)[a-z_]* |CUDA graph|Error|error" "$OUT/train_step_graphs_${HOST_BATCH:-8}.txt" \
         | cut -c1-200 | tail -20 ;;  # compiled layers replayed from CUDA graphs (TrainSettings.cuda_graphs)
+    probe) timeout ${T_PROBE:-240} python -m benchmarks.graph_capture_probe 2>&1 | grep -E "^[a-z_]+: (OK|FAIL|ERROR)" ;;  # which captures work
     gtests) timeout ${T_GTESTS:-300} python -m pytest -q -s -m gpu -p no:cacheprovider -rf --tb=short \
         tests/zebra/test_cuda_graphs.py tests/jobs/test_cuda_graphs_train.py tests/kernels/test_norm.py 2>&1 \
         | grep -v -E "Warning:|warnings\.warn\(" | tail -40 ;;  # the CUDA-graph path's GPU tests
@@ -137,7 +138,7 @@ bench)
     decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
         --repeats 2 --kernel-batch 64 --max-batch-cap ${DECODE_CAP:-1024} --out "$OUT/decode.json" 2>&1 \
         | grep "^|\|GB/s" | tail -8 ;;
-    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, host, graphs, gtests, tests, decode)"; exit 2 ;;
+    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, host, graphs, gtests, probe, tests, decode)"; exit 2 ;;
     esac; done ;;
 *) echo "usage: $0 start|stop|poll [seconds]|wait [seconds]|collect|bench [kernels jobs serve kd tests decode]"; exit 2 ;;
 esac
