@@ -13,6 +13,7 @@ students (the shapes of tests/jobs/test_cuda_graphs_train.py), each case in a fr
     *_devids     the ids made on the device instead of copied from pinned host memory as jobs.train._next_batch does
 
     python -m benchmarks.graph_capture_probe            # prints "case: OK" or "case: FAIL <first CUDA error>"
+    python -m benchmarks.graph_capture_probe --device cpu   # smoke run of the cases: nothing is captured there
 
 Needs a GPU, DeepSpeed and the repository on PYTHONPATH (the stage bundle on the GPU host).
 """
@@ -27,24 +28,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "jobs"))
 
-CASES = ("plain_kd", "plain_ild", "ds_kd", "ds_ild", "ds_kd_engine", "ds_kd_side", "ds_kd_devids",
-         "ds_kd_side_devids")
+CASES = ("plain_kd", "plain_ild", "ds_kd", "ds_ild", "ds_kd_engine", "ds_kd_devids", "ds_kd_engine_devids",
+         "ds_kd_side", "ds_kd_side_devids")
 
 
-def case(name: str) -> str:
+def case(name: str, device: torch.device) -> str:
     import test_cuda_graphs_train as t
 
     from jobs.train import TrainConfig, _engine, _next_batch
     from zebra.cuda_graphs import capture_failure, graph_forward, is_graphed
 
-    device = torch.device("cuda")
     kind = "kd" if "kd" in name else "ild"
-    cfg = TrainConfig(workers=1, use_gpu=True, zero_stage=2, micro_batch=t.MICRO, seq_len=t.SEQ, bf16=False,
+    cfg = TrainConfig(workers=1, use_gpu=device.type == "cuda", zero_stage=2, micro_batch=t.MICRO, seq_len=t.SEQ, bf16=False,
                       total_steps=10)
     ids = torch.randint(0, t.VOCAB, (t.MICRO, t.SEQ))
     ids = ids.to(device) if name.endswith("devids") else _next_batch(iter([{"input_ids": ids}]), cfg, device)[
         "input_ids"]
-    side = torch.cuda.Stream() if "_side" in name else None
+    side = torch.cuda.Stream() if "_side" in name and device.type == "cuda" else None
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         if kind == "ild":
             teacher = t.teacher_factory().to(device)
@@ -59,27 +59,37 @@ def case(name: str) -> str:
             module, call = student, student
         else:
             engine = _engine(cfg, student, world=1)
-            module, call = engine.module, (engine if name.endswith("engine") else engine.module)
+            module, call = engine.module, (engine if "_engine" in name else engine.module)
         graph_forward(module)
         result = call(*args)
         loss = result.logits.float().square().mean() if kind == "kd" else result
         loss.backward()
-        torch.cuda.synchronize()
+        if device.type == "cpu":
+            return "ran eager (nothing is captured on the CPU)"
         return "OK" if is_graphed(module) else f"FAIL {capture_failure(module)}"
 
 
-def main() -> None:
+def main(argv=None) -> dict[str, str]:
+    import argparse
+
     from benchmarks.train_step import one_rank_group
     from zebra.cuda_graphs import first_error
 
-    with one_rank_group(torch.device("cuda")):  # one for all: DeepSpeed keeps the groups it made of the first
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    device = torch.device(parser.parse_args(argv).device)
+    results = {}
+    with one_rank_group(device):  # one for all: DeepSpeed keeps the groups it made of the first
         for name in CASES:
             try:
-                print(f"{name}: {case(name)}", flush=True)
+                results[name] = case(name, device)
             except Exception as error:  # noqa: BLE001 - a diagnostic reports every case
-                print(f"{name}: ERROR {first_error(error)}", flush=True)
+                results[name] = f"ERROR {first_error(error)}"
                 traceback.print_exc(limit=-4)
-            torch.cuda.synchronize()
+            print(f"{name}: {results[name]}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    return results
 
 
 if __name__ == "__main__":
