@@ -21,7 +21,7 @@ One process, one batch shape, one device. Rows:
   (h) kd_deepspeed_checked: (g) with DeepSpeed's own grad-norm and bf16 overflow checks back on
       (CHECKED_DS_CONFIG): what jobs.train.deepspeed_config's switching them off saves
   (g'), (i') kd_deepspeed_graphed, ild_deepspeed_graphed: (g) and (i) with the engine's module replayed from CUDA
-      graphs (zebra.cuda_graphs.graph_forward, as TrainSettings.cuda_graphs): a host-bound step's launches gone
+      graphs (jobs.train._graphed, as TrainSettings.cuda_graphs): a host-bound step's launches gone
   (i) ild_deepspeed: the ILD stage's step the same way (jobs.stages.ild: both pure students of (a)'s shape,
       30 MLA and 30 Mamba2 layers, random init, only the mixers trainable, in one engine; ILD_OBJECTIVE with
       LocalTeacher.hidden_states), split into teacher forward, students forward (layers and loss), engine
@@ -86,7 +86,7 @@ from kernels.norm import gated_rms_norm  # noqa: E402
 from kernels.ssd import ssd_chunked_ref  # noqa: E402
 from zebra.convert import hybrid_config  # noqa: E402
 from zebra.losses import ild_loss, kd_loss  # noqa: E402
-from zebra.cuda_graphs import graph_forward, is_graphed  # noqa: E402
+from zebra.cuda_graphs import is_graphed  # noqa: E402
 from zebra.mla import MLAttention  # noqa: E402
 from zebra.modeling import ZebraForCausalLM, compile_decoder_layers  # noqa: E402
 
@@ -405,11 +405,12 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
 
     import jobs.train
     from cluster.teacher import LocalTeacher
-    from jobs.train import TargetsAhead, TrainConfig, _engine, _next_batch, _optimizer_step, kd_objective
+    from jobs.train import TargetsAhead, TrainConfig, _engine, _graphed, _next_batch, _optimizer_step, kd_objective
 
     cuda = device.type == "cuda"
     cfg = TrainConfig(workers=1, use_gpu=cuda, zero_stage=zero_stage, micro_batch=kd.batch, seq_len=kd.seq,
-                      bf16="auto" if cuda else False, lr=1e-4, total_steps=10_000)
+                      bf16="auto" if cuda else False, lr=1e-4, total_steps=10_000,
+                      cuda_graphs="auto" if kd.cuda_graphs else False)
     objective = kd_objective(kd.temperature, kd.top_k, kd.ce_weight)
     ids = torch.randint(0, student.config.vocab_size, (kd.batch, kd.seq))
     batches = itertools.repeat({"input_ids": ids})
@@ -418,9 +419,7 @@ def bench_kd_deepspeed(student, teacher_factory, kd: KDSetup, device, zero_stage
         stage_config = jobs.train.deepspeed_config
         with mock.patch.object(jobs.train, "deepspeed_config",
                                lambda c, w: merge_sections(stage_config(c, w), ds_overrides or {})):
-            engine = _engine(cfg, student, world=1)
-        if kd.cuda_graphs:
-            graph_forward(engine.module)
+            engine = _graphed(_engine(cfg, student, world=1), cfg)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -487,18 +486,17 @@ def bench_ild_deepspeed(pair, teacher_factory, kd: KDSetup, device, zero_stage: 
     profiled."""
     from cluster.teacher import LocalTeacher
     from jobs.stages.ild import ILD_OBJECTIVE
-    from jobs.train import TargetsAhead, TrainConfig, _engine, _next_batch, _optimizer_step
+    from jobs.train import TargetsAhead, TrainConfig, _engine, _graphed, _next_batch, _optimizer_step
 
     cuda = device.type == "cuda"
     cfg = TrainConfig(workers=1, use_gpu=cuda, zero_stage=zero_stage, micro_batch=kd.batch, seq_len=kd.seq,
-                      bf16="auto" if cuda else False, lr=1e-4, total_steps=10_000)
+                      bf16="auto" if cuda else False, lr=1e-4, total_steps=10_000,
+                      cuda_graphs="auto" if kd.cuda_graphs else False)
     ids = torch.randint(0, pair.mla.config.vocab_size, (kd.batch, kd.seq))
     batches = itertools.repeat({"input_ids": ids})
     with one_rank_group(device):
         teacher = LocalTeacher(teacher_factory, device)
-        engine = _engine(cfg, pair, world=1)
-        if kd.cuda_graphs:
-            graph_forward(engine.module)
+        engine = _graphed(_engine(cfg, pair, world=1), cfg)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 

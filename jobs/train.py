@@ -56,9 +56,9 @@ from cluster.preflight import check_shared_storage
 from cluster.storage import StorageFull, explain_disk_full
 from cluster.teacher import TEACHER_MODES, RemoteTeacher, map_tensors, start_teacher
 from jobs.relay import RelayReports
+from zebra.cuda_graphs import graph_forward
 from zebra.hybrid import held_out_ce, held_out_kl
 from zebra.losses import kd_loss
-from zebra.cuda_graphs import graph_forward
 from zebra.modeling import compile_decoder_layers
 
 log = logging.getLogger(__name__)

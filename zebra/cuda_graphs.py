@@ -63,8 +63,10 @@ class _GraphedForward:
         self.failure: str | None = None  # why the capture failed: the first error of its chain
 
     def __call__(self, *args, **kwargs) -> Any:
+        if self.failure is not None:
+            return self.original(*args, **kwargs)
         signature = _signature(args)
-        if self.failure is not None or not _capturable(self.module, signature, kwargs):
+        if not _capturable(self.module, signature, kwargs):
             return self.original(*args, **kwargs)
         if self.graphed is None:
             self._capture(args, signature)
@@ -122,19 +124,23 @@ def graph_forward(module: nn.Module, warmup: int = WARMUP_CALLS,
     before_capture: called just before the capture, to quiet every other thread's CUDA work: while a stream
     captures, another thread's allocation, synchronisation or IPC handle opening (a teacher actor's reply)
     invalidates the capture."""
-    if isinstance(module.forward, _GraphedForward):
-        return module
-    module.forward = _GraphedForward(module, module.forward, warmup, before_capture)
+    if _wrapper(module) is None:
+        module.forward = _GraphedForward(module, module.forward, warmup, before_capture)
     return module
+
+
+def _wrapper(module: nn.Module) -> _GraphedForward | None:
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, _GraphedForward) else None
 
 
 def is_graphed(module: nn.Module) -> bool:
     """Whether module's forward replays CUDA graphs (captured, not failed)."""
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, _GraphedForward) and forward.graphed is not None
+    wrapper = _wrapper(module)
+    return wrapper is not None and wrapper.graphed is not None
 
 
 def capture_failure(module: nn.Module) -> str | None:
     """Why module's capture failed (the first error of its chain), or None."""
-    forward = module.__dict__.get("forward")
-    return forward.failure if isinstance(forward, _GraphedForward) else None
+    wrapper = _wrapper(module)
+    return None if wrapper is None else wrapper.failure
