@@ -11,6 +11,9 @@ students (the shapes of tests/jobs/test_cuda_graphs_train.py), each case in a fr
     *_side       the engine built and its warm-up step run with a side stream current (nothing of the student's
                  autograd state then refers to the legacy default stream)
     *_devids     the ids made on the device instead of copied from pinned host memory as jobs.train._next_batch does
+    *_pinned     ZeRO's parameter views re-made with gradients on, as DeepSpeed makes them when jobs.train._engine
+                 does not turn gradients off: they hold each parameter's gradient accumulator, tied to the stream
+                 current then (the cause found in session 14; these cases should fail)
 
     python -m benchmarks.graph_capture_probe            # prints "case: OK" or "case: FAIL <first CUDA error>"
     python -m benchmarks.graph_capture_probe --device cpu   # smoke run of the cases: nothing is captured there
@@ -29,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "jobs"))
 
 CASES = ("plain_kd", "plain_ild", "ds_kd", "ds_ild", "ds_kd_engine", "ds_kd_devids", "ds_kd_engine_devids",
-         "ds_kd_side", "ds_kd_side_devids")
+         "ds_kd_side", "ds_kd_side_devids", "ds_kd_pinned", "ds_ild_pinned",
+         "ds_kd_side_pinned")
 
 
 def case(name: str, device: torch.device) -> str:
@@ -59,6 +63,9 @@ def case(name: str, device: torch.device) -> str:
             module, call = student, student
         else:
             engine = _engine(cfg, student, world=1)
+            if name.endswith("pinned"):
+                with torch.enable_grad():
+                    engine.optimizer._link_all_hp_params()
             module, call = engine.module, (engine if "_engine" in name else engine.module)
         graph_forward(module)
         result = call(*args)

@@ -628,7 +628,13 @@ def _without_cpu_shm_op() -> None:
 def _engine(cfg: TrainConfig, student: nn.Module, world: int):
     """The student inside a DeepSpeed engine (uses the process group Ray Train set up), with
     GroupClippedAdamW over the student's param_groups() where it has them (else one group of its
-    trainable parameters) and the lr_ratio schedule."""
+    trainable parameters) and the lr_ratio schedule.
+
+    Built with gradients off: ZeRO-1/2 keep, per parameter, a view of it (`_hp_mapping.lp_fragment`, made by
+    `param.flatten().narrow(...)`), which with gradients on carries an autograd graph holding the parameter's
+    gradient accumulator alive for the run, tied to the CUDA stream current at the build. A CUDA-graph capture
+    (zebra.cuda_graphs) runs its backward on a side stream, and autograd then makes that old stream wait for it:
+    "operation would make the legacy stream depend on a capturing blocking stream" (notes/GPU.md, session 14)."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not cfg.use_gpu:
         _without_cpu_shm_op()
@@ -636,8 +642,9 @@ def _engine(cfg: TrainConfig, student: nn.Module, world: int):
               else [{"params": [p for p in student.parameters() if p.requires_grad]}])
     optimizer = GroupClippedAdamW(groups, max_norm=cfg.grad_clip, lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay, fused=True if cfg.use_gpu else None)
-    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, world),
-                                      lr_scheduler=functools.partial(_schedule, cfg=cfg))
+    with torch.no_grad():
+        engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=deepspeed_config(cfg, world),
+                                          lr_scheduler=functools.partial(_schedule, cfg=cfg))
     return engine
 
 
@@ -645,7 +652,7 @@ def _resume(engine, checkpoint: Checkpoint | None) -> int:
     """Load the checkpoint (the session's latest, if any) into the engine; the optimizer steps it had done."""
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as d:
+    with checkpoint.as_directory() as d, torch.no_grad():  # the load re-links the views _engine made: see there
         path, client_state = engine.load_checkpoint(d, tag=DS_TAG)
     if path is None:
         raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under tag {DS_TAG!r}")
