@@ -186,8 +186,9 @@ class TrainSettings(Section):
     teacher_mode: Literal["actor", "inprocess"] = "actor"
     # torch.compile the student's decoder layers: "auto" on GPU workers under ZeRO-2 (jobs.train.TrainConfig)
     compile: Literal[True, False, "auto"] = "auto"
-    # replay the student's forward and backward from CUDA graphs: "auto" on GPU workers under ZeRO-2 (TrainConfig)
-    cuda_graphs: Literal[True, False, "auto"] = False
+    # replay the student's forward and backward from CUDA graphs: "auto" on GPU workers under ZeRO-2 (TrainConfig);
+    # a capture that fails is logged and the step runs as launched
+    cuda_graphs: Literal[True, False, "auto"] = "auto"
     checkpoint_every: PosInt = 200  # optimizer steps
     log_every: PosInt = 10  # optimizer steps
 

@@ -79,8 +79,9 @@ def test_trial_steps_are_kd_steps(teacher_dir, tmp_path, monkeypatch, one_rank_g
     kd_cfg, teacher_factory, objective = kd_recipe(spec, str(teacher_dir))
     trial_cfg = trial_recipe(plan)[0]
     assert dataclasses.replace(trial_cfg, log_every=kd_cfg.log_every, checkpoint_every=kd_cfg.checkpoint_every,
-                               compile=kd_cfg.compile) == kd_cfg
-    assert (kd_cfg.compile, trial_cfg.compile) == ("auto", False)  # trials are too short for the compile to pay
+                               compile=kd_cfg.compile, cuda_graphs=kd_cfg.cuda_graphs) == kd_cfg
+    # trials are too short for the compile or the graphs' capture to pay
+    assert (kd_cfg.compile, trial_cfg.compile, kd_cfg.cuda_graphs, trial_cfg.cuda_graphs) == ("auto", False, "auto", False)
     student_factory = functools.partial(compose_hybrid, str(tmp_path / "shared/ild/mla"),
                                         str(tmp_path / "shared/ild/mamba"), layers)
     kd = Recorder()
