@@ -14,7 +14,7 @@
 #   bash benchmarks/gpu_quality.sh poll [S]  # sleep S seconds, then each run's stage lines and last report
 #   bash benchmarks/gpu_quality.sh wait [S]  # until every started run has exited (or S seconds, default 540), then poll
 #   bash benchmarks/gpu_quality.sh collect   # copy reports, metrics and logs to $OUT
-#   bash benchmarks/gpu_quality.sh bench [serve kd tests decode]   # after the runs, same host, into $OUT:
+#   bash benchmarks/gpu_quality.sh bench [serve kd tests decode evalspeed]   # after the runs, same host, into $OUT:
 #       serving (the mla3 export against the default teacher), the KD step's profile, GPU tests, decode at 16k;
 #       also `kernels` (the kernels' GPU parity tests), `jobs` (tests/jobs' GPU tests, 200 s a test) and `host`
 #       (the compiled KD and ILD steps at HOST_BATCH=8 sequences with the transformer row, profiled: the host floor)
@@ -112,6 +112,9 @@ bench)
     serve) timeout ${T_SERVE:-200} python -m benchmarks.serve_load --hybrid $Q/tree/runs/smollm2-prose-1gpu/export \
         --clients 64 --requests ${SERVE_REQUESTS:-4} --prompt-len 1024 --gen 128 --out "$OUT/serve_load.json" 2>&1 \
         | grep -v -i "warn\|INFO" | tail -10 ;;
+    evalspeed) timeout ${T_EVALSPEED:-300} python -m benchmarks.eval_speed --model $Q/tree/runs/smollm2-prose-1gpu/export \
+        --num-gpus 1 --limit ${EVAL_LIMIT:-500} --settings ${EVAL_SETTINGS:-16x8 32x8 64x8} --out "$OUT/eval_speed.json" 2>&1 \
+        | grep -v -i "warn\|INFO" | tail -8 ;;  # the eval stage's scoring speed by batching (after a run)
     kd) timeout ${T_KD:-170} python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed \
         ild_deepspeed --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \
         | tail -${KD_LINES:-150} > "$OUT/train_step.txt"; tail -40 "$OUT/train_step.txt" ;;
@@ -138,7 +141,7 @@ bench)
     decode) timeout ${T_DECODE:-240} python -m benchmarks.decode --random smollm2 --contexts 16384 --batch 16 --gen 64 \
         --repeats 2 --kernel-batch 64 --max-batch-cap ${DECODE_CAP:-1024} --out "$OUT/decode.json" 2>&1 \
         | grep "^|\|GB/s" | tail -8 ;;
-    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, host, graphs, gtests, probe, tests, decode)"; exit 2 ;;
+    *) echo "bench: unknown part $part (kernels, jobs, serve, kd, host, graphs, gtests, probe, tests, decode, evalspeed)"; exit 2 ;;
     esac; done ;;
 *) echo "usage: $0 start|stop|poll [seconds]|wait [seconds]|collect|bench [kernels jobs serve kd tests decode]"; exit 2 ;;
 esac

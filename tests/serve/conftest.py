@@ -113,3 +113,16 @@ def delete_apps(background: tuple[str, ...] = ()) -> None:
 
     for name in list(serve.status().applications):
         serve.delete(name, _blocking=name not in background)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Hugging Face's hub and datasets told that there is no network (lm-eval's task loading included)."""
+    import datasets
+    import huggingface_hub.constants
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

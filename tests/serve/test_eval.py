@@ -4,8 +4,6 @@ accuracy it reports equals the one computed directly from each model's log-likel
 import json
 import shutil
 
-import datasets
-import huggingface_hub.constants
 import pytest
 
 import torch
@@ -18,14 +16,6 @@ from serve.eval import TASKS_DIR, run_eval
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def offline(monkeypatch):
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def direct_accuracy(model_dir) -> float:
