@@ -81,9 +81,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from serve.app import run_server
+    from serve.app import model_name_of, run_server
     from serve.engine import resolve_model_dir
-    from serve.app import model_name_of
     from serve.eval import APP_NAME, ROUTE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -109,11 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
             model = tiny_pair(Path(tmp))[1]
         else:
             model = resolve_model_dir(args.model)
-        max_length = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
+        max_length = json.loads((model / "config.json").read_text())["max_position_embeddings"]
         url = run_server(model, port=args.port, num_gpus=args.num_gpus, api_key_env=None, app_name=APP_NAME,
                          route_prefix=ROUTE)
         try:
-            rows = measure(url, model_name_of(Path(model)), Path(model), args.tasks, limit, max_length, settings)
+            rows = measure(url, model_name_of(model), model, args.tasks, limit, max_length, settings)
         finally:
             from ray import serve
 

@@ -17,7 +17,6 @@ from serve.eval import TASKS_DIR, run_eval
 pytestmark = pytest.mark.slow
 
 
-
 def direct_accuracy(model_dir) -> float:
     """The task's accuracy from one float64 forward pass per choice, tokenized the way lm-eval does:
     context 'Question: q\\nAnswer:' and continuation ' choice', encoded together, no special tokens."""
