@@ -113,7 +113,7 @@ bench)
         --clients 64 --requests ${SERVE_REQUESTS:-4} --prompt-len 1024 --gen 128 --out "$OUT/serve_load.json" 2>&1 \
         | grep -v -i "warn\|INFO" | tail -10 ;;
     evalspeed) timeout ${T_EVALSPEED:-300} python -m benchmarks.eval_speed --model $Q/tree/runs/smollm2-prose-1gpu/export \
-        --num-gpus 1 --limit ${EVAL_LIMIT:-500} --settings ${EVAL_SETTINGS:-16x8 32x8 64x8} --out "$OUT/eval_speed.json" 2>&1 \
+        --num-gpus 1 --limit ${EVAL_LIMIT:-500} --settings ${EVAL_SETTINGS:-8x4 64x8} --out "$OUT/eval_speed.json" 2>&1 \
         | grep -v -i "warn\|INFO" | tail -8 ;;  # the eval stage's scoring speed by batching (after a run)
     kd) timeout ${T_KD:-170} python -m benchmarks.train_step --models transformer hybrid_triton kd_hybrid kd_deepspeed \
         ild_deepspeed --profile --steps 6 --warmup 2 --out "$OUT/train_step.json" 2>&1 | grep -v -i "warn" \

@@ -276,13 +276,18 @@ class ExportSpec(Section):
 
 
 class EvalSpec(Section):
-    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"reuse"})
+    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"reuse", "batch_size", "num_concurrent"})  # none changes a score
     enabled: bool = True
     # serve/tasks/*.yaml or lm-eval tasks; default: serve.eval.DEFAULT_TASKS (real benchmarks, offline data)
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_TASKS), min_length=1)
     limit: PosInt | None = None  # examples per task; None: all
     compare_teacher: bool = True
     gpus: Annotated[float, Field(ge=0)] | None = None  # the Serve replica's GPUs; None: 1 where the cluster has one
+    # lm-eval's requests to the endpoint: batch_size prompts each, num_concurrent in flight (= serve.eval's defaults);
+    # the engine scores the waiting prompts together in padded forwards, so more waiting prompts mean fewer, fuller
+    # forwards; any setting scores alike (benchmarks.eval_speed)
+    batch_size: PosInt = 32
+    num_concurrent: PosInt = 8
     # a model scored before on the same tasks and limit, with the same files and code, is not served again
     # (serve.eval.results_key; the results come from $ZEBRA_EVAL_CACHE or <cache>/eval): the teacher's scores
     # of an earlier run, say

@@ -43,6 +43,10 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 DATA_VAR = "$ZEBRA_DATA"  # in a task's data_files: the shared data folder (zebra.data.data_root)
 DEFAULT_TASKS = ("arc_easy_local", "arc_challenge_local", "piqa_local", "boolq_local")
 HEADLINE_METRICS = ("acc_norm", "acc")  # a task's first of these is the one the average takes
+# lm-eval's requests: BATCH_SIZE prompts each, NUM_CONCURRENT in flight (jobs.spec EvalSpec's defaults: the same).
+# Up to 256 prompts wait at once, which the engine scores in a few padded forwards of up to 16,384 tokens on a
+# GPU; at 8 x 4 (32 waiting) the hybrid's forwards were ~3,000 tokens and launch-bound (session 14).
+BATCH_SIZE, NUM_CONCURRENT = 32, 8
 APP_NAME, ROUTE = "zebra-eval", "/eval"
 REPO = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("serve", "zebra", "kernels")  # the code a served model's scores depend on (results_key)
@@ -86,7 +90,7 @@ def _data_file(name: str) -> Path:
 
 
 def evaluate_endpoint(base_url: str, model_name: str, tokenizer_dir: Path, tasks: list[str], limit: int | None,
-                      max_length: int, batch_size: int = 8, num_concurrent: int = 4) -> dict:
+                      max_length: int, batch_size: int = BATCH_SIZE, num_concurrent: int = NUM_CONCURRENT) -> dict:
     """lm-eval `local-completions` against a running endpoint: its results, n-samples and versions.
     num_concurrent requests of batch_size prompts each are in flight at once, so the engine's
     continuous batching has work to batch (one at a time, a GPU replica idles between requests)."""
@@ -108,12 +112,12 @@ def evaluate_endpoint(base_url: str, model_name: str, tokenizer_dir: Path, tasks
 
 
 def _serve_and_evaluate(model_dir: str | Path, tasks: list[str], limit: int | None, port: int,
-                        num_gpus: float = 0.0) -> dict:
+                        num_gpus: float = 0.0, **requests) -> dict:
     local = resolve_model_dir(model_dir)
     max_length = json.loads((local / "config.json").read_text())["max_position_embeddings"]
     url = run_server(local, port=port, num_gpus=num_gpus, api_key_env=None, app_name=APP_NAME, route_prefix=ROUTE)
     try:
-        return evaluate_endpoint(url, model_name_of(local), local, tasks, limit, max_length)
+        return evaluate_endpoint(url, model_name_of(local), local, tasks, limit, max_length, **requests)
     finally:
         serve.delete(APP_NAME)
 
@@ -237,11 +241,12 @@ def _with_stderr(value: float, stderr) -> str:
 
 
 def run_eval(model_dir: str | Path, tasks: list[str], out_dir: str | Path, teacher_dir: str | Path | None = None,
-             limit: int | None = None, port: int = 8000, num_gpus: float = 0.0, reuse: bool = True) -> dict:
+             limit: int | None = None, port: int = 8000, num_gpus: float = 0.0, reuse: bool = True,
+             batch_size: int = BATCH_SIZE, num_concurrent: int = NUM_CONCURRENT) -> dict:
     """Serve and evaluate the student (and the teacher), write out_dir/eval.json and eval.md, return
     the report. Connects to the running Ray cluster or starts a local one; each model is served as
     the application 'zebra-eval' under /eval on 127.0.0.1:port, one after the other, each replica with
-    num_gpus GPUs (0: on the CPU).
+    num_gpus GPUs (0: on the CPU); lm-eval sends it num_concurrent requests of batch_size prompts at once.
 
     reuse: a model evaluated before on the same tasks and limit, with the same files and code
     (results_key), is not served again: its results come from results_cache_dir(), and the report's
@@ -256,7 +261,8 @@ def run_eval(model_dir: str | Path, tasks: list[str], out_dir: str | Path, teach
             log.info("%s: lm-eval results reused from %s (same files, tasks, limit and code)", role, reused[role])
             results[role] = cached
             continue
-        results[role] = _serve_and_evaluate(path, tasks, limit, port, num_gpus)
+        results[role] = _serve_and_evaluate(path, tasks, limit, port, num_gpus, batch_size=batch_size,
+                                            num_concurrent=num_concurrent)
         if key:
             _cache_results(key, results[role])
     rows = retention_rows(results)

@@ -32,7 +32,7 @@ def run(spec: JobSpec, ctx: Context) -> EvalOutput:
     out = ctx.scratch / "eval"
     report = run_eval(ctx.model_dir("export"), ev.tasks, out, teacher_dir=ctx.teacher_dir if ev.compare_teacher else None,
                       limit=ev.limit, port=_free_port(), num_gpus=eval_gpus(ev.gpus, ray.cluster_resources()),
-                      reuse=ev.reuse)
+                      reuse=ev.reuse, batch_size=ev.batch_size, num_concurrent=ev.num_concurrent)
     if not ctx.local_storage:
         ctx.storage.upload_dir(out, "eval")
     return EvalOutput(tokens=0, rows=report["rows"])

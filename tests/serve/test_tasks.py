@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from jobs.spec import load_spec
 from serve.cli import add_eval
-from serve.eval import DEFAULT_TASKS, average_row, local_task, markdown_table, retention_rows, sha256_order
+from serve.eval import (BATCH_SIZE, DEFAULT_TASKS, NUM_CONCURRENT, average_row, local_task, markdown_table, retention_rows,
+                        sha256_order)
 from zebra.data import data_root
 
 ITEMS = 3  # per task
@@ -93,6 +94,8 @@ def test_every_default_task_resolves_to_existing_data():
         assert config["process_docs"] is sha256_order
     assert local_task("no_such_task") is None
     assert load_spec({}).eval.tasks == list(DEFAULT_TASKS)  # the eval stage's default (jobs.spec cannot import serve)
+    ev = load_spec({}).eval  # and the stage sends lm-eval's requests as serve.eval does by default
+    assert (ev.batch_size, ev.num_concurrent) == (BATCH_SIZE, NUM_CONCURRENT)
     parser = argparse.ArgumentParser()
     add_eval(parser.add_subparsers())
     assert parser.parse_args(["eval", "model"]).tasks.split(",") == list(DEFAULT_TASKS)  # `zebra eval`'s default
